@@ -12,6 +12,8 @@ import time
 
 from absl import app, flags
 
+from experiments.cli import launcher, parse_ids
+
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A llama2.c .bin file or a Hugging Face checkpoint directory.",
     required=True)
@@ -40,15 +42,13 @@ def _prompt_ids(tokenizer) -> list[int]:
   if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
   if _PROMPT_IDS.value is not None:
-    try:
-      return [int(t) for t in _PROMPT_IDS.value.split(",") if t.strip()]
-    except ValueError as e:
-      raise app.UsageError(f"--prompt_ids must be comma-separated integers: {e}") from None
+    return parse_ids("prompt_ids", _PROMPT_IDS.value)
   if tokenizer is None:
     raise app.UsageError("--prompt needs --tokenizer (or a tokenizer.model in the checkpoint)")
   return tokenizer.encode(_PROMPT.value, bos=True)
 
 
+@launcher
 def main(argv):
   del argv
   from models.llama.checkpoint import load_checkpoint

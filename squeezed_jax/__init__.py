@@ -1,0 +1,17 @@
+"""squeezed-jax: Squeezed Attention for long-context LLM inference in JAX.
+
+Public API:
+  FixedContext, ContextConfig   the offline phase: prefill, key clustering, calibration, orbax I/O
+  generate_tokens, GenerationResult, SamplingParams   batched generation with a KV cache
+
+Building blocks live in their modules, e.g. `squeezed_jax.kmeans.kmeans` (batched, jitted
+mini-batch K-means), `squeezed_jax.key_clustering`, `squeezed_jax.calibration`.
+"""
+
+from squeezed_jax.fixed_context import ContextConfig, FixedContext
+from squeezed_jax.generation import GenerationResult, generate_tokens
+from squeezed_jax.sampling import SamplingParams
+
+__all__ = [
+    "ContextConfig", "FixedContext", "GenerationResult", "SamplingParams", "generate_tokens",
+]

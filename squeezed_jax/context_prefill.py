@@ -8,15 +8,14 @@ needs no hook.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
+from tqdm.auto import tqdm
 
 from models.llama import KVCache, Llama, dense_attention, init_kv_caches
 
@@ -60,7 +59,8 @@ class PrefilledContext:
 
 def prefill_context(model: Llama, token_ids: Sequence[int], *, window: int,
                     chunk_size: int = 512, cache_dtype=None) -> PrefilledContext:
-  """Runs the model over the fixed context in chunks of `chunk_size` tokens (logged with an ETA)."""
+  """Runs the model over the fixed context in chunks of `chunk_size` tokens (a progress bar with
+  an ETA is shown when there is more than one chunk)."""
   config = model.config
   num_tokens = len(token_ids)
   if not 0 < window < num_tokens:
@@ -77,17 +77,11 @@ def prefill_context(model: Llama, token_ids: Sequence[int], *, window: int,
       _WindowCapture(kv, jnp.zeros(query_shape, jnp.float32), jnp.int32(num_tokens - window))
       for kv in init_kv_caches(config, 1, num_tokens, cache_dtype))
   graphdef, state = nnx.split(model)
-  started = time.perf_counter()
-  for index in range(num_chunks):
-    start = index * chunk_size
+  for start in tqdm(range(0, tokens.shape[1], chunk_size), desc="context prefill",
+                    unit="chunk", disable=num_chunks == 1):
     caches = _prefill_chunk(graphdef, state, jnp.asarray(tokens[:, start:start + chunk_size]),
                             jnp.int32(start), caches)
-    if num_chunks > 1:
-      jax.block_until_ready(caches[0].kv.keys)
-      elapsed = time.perf_counter() - started
-      eta = elapsed / (index + 1) * (num_chunks - index - 1)
-      logging.info("context prefill: chunk %d/%d, %.1f s elapsed, ETA %.1f s", index + 1,
-                   num_chunks, elapsed, eta)
+    jax.block_until_ready(caches[0].kv.keys)  # so that the progress bar measures real work
   return PrefilledContext(
       keys=jnp.stack([c.kv.keys[0].transpose(1, 0, 2) for c in caches]),
       values=jnp.stack([c.kv.values[0].transpose(1, 0, 2) for c in caches]),
