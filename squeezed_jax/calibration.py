@@ -1,6 +1,7 @@
-"""Centroid scores (the one definition of cluster importance) and threshold calibration.
+"""Threshold calibration from the observation window's queries.
 
-Score of cluster j of one KV head for one query vector q (D = head_dim, N_m = cluster sizes):
+The score of cluster j of one KV head for one query vector q (D = head_dim, N_m = cluster sizes),
+defined once, in `pallas_kernels.references.centroid_scores`:
 
     s_j(q) = exp(q.C_j / sqrt(D)) / sum_m N_m exp(q.C_m / sqrt(D)),   empty clusters excluded,
 
@@ -22,12 +23,13 @@ counts, without per-key arrays.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels import references as kernel_references
 
 DEFAULT_PERCENTILES = (0.5, 0.7, 0.8, 0.9)
 
@@ -44,37 +46,6 @@ class Thresholds(NamedTuple):
   percentiles: jax.Array
   thresholds: jax.Array
   kept_fraction: jax.Array
-
-
-def centroid_scores(queries: jax.Array, centroids: jax.Array, counts: jax.Array) -> jax.Array:
-  """sbar_j for every cluster: max over the GQA group of the mean over queries of s_j(q).
-
-  Args:
-    queries: [..., Tq, Hq, D] queries (any float dtype; computed in float32).
-    centroids: [..., Hkv, K, D] centroids; Hq must be a multiple of Hkv.
-    counts: [..., Hkv, K] keys per cluster (0 = empty: excluded, scores 0).
-    Leading axes "..." broadcast against each other.
-
-  Returns:
-    [..., Hkv, K] float32 scores in [0, 1].
-  """
-  *_, num_queries, num_heads, head_dim = queries.shape
-  *_, num_kv_heads, num_clusters, centroid_dim = centroids.shape
-  if head_dim != centroid_dim or num_heads % num_kv_heads:
-    raise ValueError(f"queries [..., Tq, Hq, D] {queries.shape=} and centroids [..., Hkv, K, D] "
-                     f"{centroids.shape=} need the same D and Hq a multiple of Hkv")
-  if counts.shape[-2:] != (num_kv_heads, num_clusters):
-    raise ValueError(f"{counts.shape=} must end with (Hkv, K) = {(num_kv_heads, num_clusters)}")
-  group = num_heads // num_kv_heads
-  q = queries.astype(jnp.float32).reshape(*queries.shape[:-2], num_kv_heads, group, head_dim)
-  logits = jnp.einsum("...TKGD,...KCD->...KGTC", q, centroids.astype(jnp.float32),
-                      precision=lax.Precision.HIGHEST) / math.sqrt(head_dim)
-  non_empty = (counts > 0)[..., :, None, None, :]  # [..., Hkv, 1, 1, K]
-  log_counts = jnp.log(jnp.maximum(counts, 1).astype(jnp.float32))[..., :, None, None, :]
-  log_normalizer = jax.nn.logsumexp(jnp.where(non_empty, logits + log_counts, -jnp.inf),
-                                    axis=-1, keepdims=True)
-  scores = jnp.where(non_empty, jnp.exp(logits - log_normalizer), 0.0)  # [..., Hkv, G, Tq, K]
-  return jnp.max(jnp.mean(scores, axis=-2), axis=-2)
 
 
 def weighted_quantiles(values: jax.Array, weights: jax.Array,
@@ -114,7 +85,8 @@ def calibrate_thresholds(window_queries: jax.Array, centroids: jax.Array, counts
 
   Returns:
     Thresholds: tau_p = the p-quantile (as in `weighted_quantiles`) of the per-key scores, i.e.
-    of the cluster scores `centroid_scores(window_queries[l], centroids[l], counts[l])` weighted
+    of the cluster scores (`pallas_kernels.references.centroid_scores` of window_queries[l])
+    weighted
     by `counts`; a fraction >= p of the keys has score <= tau_p and is pruned.
   """
   if window_queries.ndim != 4 or centroids.ndim != 4 or counts.ndim != 3:
@@ -126,13 +98,19 @@ def calibrate_thresholds(window_queries: jax.Array, centroids: jax.Array, counts
                      f"{counts.shape=}")
   if not all(0.0 <= p <= 1.0 for p in percentiles):
     raise ValueError(f"{percentiles=} must lie in [0, 1]")
-  scores = lax.map(lambda layer: centroid_scores(*layer), (window_queries, centroids, counts))
+  with jax.default_matmul_precision("highest"):  # thresholds are compared across all heads
+    scores = lax.map(lambda layer: _window_scores(*layer), (window_queries, centroids, counts))
   thresholds = weighted_quantiles(scores, counts, percentiles)
   kept = scores[None] > thresholds[:, None, None, None]  # [P, L, Hkv, K]
   kept_keys = jnp.sum(jnp.where(kept, counts[None], 0), axis=-1)
   total_keys = jnp.maximum(jnp.sum(counts, axis=-1), 1)
   return Thresholds(jnp.asarray(percentiles, jnp.float32), thresholds,
                     (kept_keys / total_keys).astype(jnp.float32))
+
+
+def _window_scores(queries: jax.Array, centroids: jax.Array, counts: jax.Array) -> jax.Array:
+  """One layer: queries [W, Hq, D], centroids [Hkv, K, D], counts [Hkv, K] -> sbar [Hkv, K]."""
+  return kernel_references.centroid_scores(queries[None], centroids, counts)[0]
 
 
 def calibrate_coarse_thresholds(window_queries: jax.Array, coarse_centroids: jax.Array,

@@ -1,0 +1,181 @@
+"""Kernels of Squeezed Attention's online phase, with pure-jnp references.
+
+Public entry points (one fixed context shared by a batch of B questions, one
+layer at a time; K/V have no batch axis):
+
+* `centroid_scores(q, centroids, counts)` -> sbar [B, Hkv, K] (the lookup).
+* `select_clusters(scores, counts, offsets, max_rows=, threshold=|key_budget=)`
+  -> `Selection` (padded per-(sequence, KV head) row list + count).
+* `hierarchical_centroid_scores(...)`: the two-level lookup (XLA).
+* `sparse_attention(q, keys, values, selection)` -> (out, lse).
+* `merge_partials(out1, lse1, out2, lse2)`: exact log-sum-exp merge.
+* `squeezed_lookup_attention(...)`: all of the above, plus the observation
+  window, in one call.
+
+`backend=None` picks from `jax.default_backend()`: "gpu" (Pallas Triton
+kernels) on GPUs, "tpu" (Pallas Mosaic sparse attention over whole K/V blocks;
+its lookup is the XLA one) on TPUs, "xla" (pure jnp) elsewhere. The TPU kernel
+is tested in the Pallas TPU interpreter only; it has never run on a TPU.
+This package has no model knowledge and imports nothing from the library.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels import references
+from pallas_kernels import selection as selection_lib
+from pallas_kernels import xla_fallback
+from pallas_kernels.gpu import centroid_scores as gpu_scores
+from pallas_kernels.gpu import sparse_attention as gpu_attention
+from pallas_kernels.tpu import block_selection as tpu_block_selection
+from pallas_kernels.tpu import sparse_attention as tpu_attention
+from pallas_kernels.block_sizes import AttentionBlockSizes
+from pallas_kernels.block_sizes import LookupBlockSizes
+from pallas_kernels.hierarchical import hierarchical_centroid_scores
+from pallas_kernels.merge import merge_partials
+from pallas_kernels.merge import merge_stacked
+from pallas_kernels.selection import Selection
+from pallas_kernels.selection import select_clusters
+
+BACKENDS = ("xla", "gpu", "tpu")
+# Rows per K/V block read by the TPU kernel (a (8, 128)-tiling multiple).
+TPU_BLOCK_ROWS = 128
+
+_xla_centroid_scores = jax.jit(references.centroid_scores,
+                               static_argnames="sm_scale")
+
+
+def resolve_backend(backend: str | None) -> str:
+  """The backend to run: `backend`, or the platform's default if None."""
+  if backend is None:
+    platform = jax.default_backend()
+    return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform, "xla")
+  if backend not in BACKENDS:
+    raise ValueError(f"{backend=} must be one of {BACKENDS}")
+  return backend
+
+
+def centroid_scores(q: jax.Array, centroids: jax.Array, counts: jax.Array, *,
+                    query_mask: jax.Array | None = None,
+                    sm_scale: float | None = None, backend: str | None = None,
+                    block_sizes: LookupBlockSizes | None = None,
+                    interpret: bool = False) -> jax.Array:
+  """Counts-weighted centroid scores of a query block.
+
+  Args:
+    q: [B, Hq, D] (decode) or [B, T, Hq, D] (prefill), post-RoPE.
+    centroids: [Hkv, K, D] (float32, or bfloat16 to halve the lookup's reads).
+    counts: [Hkv, K] int keys per cluster.
+    query_mask: [B, T] bool, real prefill tokens; None = all.
+    sm_scale: softmax scale, 1 / sqrt(D) if None.
+    backend: None (from the platform), "xla", "gpu" or "tpu" (= "xla").
+    block_sizes: GPU tiles (None = defaults).
+    interpret: run GPU kernels in the Pallas interpreter.
+
+  Returns:
+    sbar [B, Hkv, K] float32 (max over the GQA group of the mean over queries
+    of s_j; 0 for empty clusters).
+  """
+  if resolve_backend(backend) == "gpu":
+    return gpu_scores.centroid_scores(q, centroids, counts,
+                                      query_mask=query_mask, sm_scale=sm_scale,
+                                      block_sizes=block_sizes,
+                                      interpret=interpret)
+  return _xla_centroid_scores(q, centroids, counts, query_mask=query_mask,
+                              sm_scale=sm_scale)
+
+
+def sparse_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
+                     selection: Selection, *,
+                     window_keys: jax.Array | None = None,
+                     window_values: jax.Array | None = None,
+                     sm_scale: float | None = None, backend: str | None = None,
+                     block_sizes: AttentionBlockSizes | None = None,
+                     interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Exact softmax attention over the fixed context: selected rows + window.
+
+  Covers the selected rows of the clustered part and, if given, the whole
+  observation window (the GPU kernel reads it in the same call). Merge the
+  result with the dense user-input / generated-token part through
+  `merge_partials`.
+
+  Args:
+    q: [B, Hq, D] (decode) or [B, T, Hq, D] (prefill).
+    keys, values: [Hkv, S', D] cluster-contiguous.
+    selection: from `select_clusters`, [B, Hkv, R] rows.
+    window_keys, window_values: [Hkv, W, D] observation window, or None.
+    sm_scale: softmax scale, 1 / sqrt(D) if None.
+    backend: None (from the platform), "xla", "gpu" or "tpu".
+    block_sizes: GPU tiles (None = decode / prefill defaults).
+    interpret: run the GPU / TPU kernels in the Pallas interpreter.
+
+  Returns:
+    out: like q, in q.dtype (0 for an empty selection).
+    lse: [B, (T,) Hq] float32 (-inf for an empty selection).
+  """
+  resolved = resolve_backend(backend)
+  if resolved == "gpu":
+    return gpu_attention.sparse_attention(
+        q, keys, values, selection, window_keys=window_keys,
+        window_values=window_values, sm_scale=sm_scale,
+        block_sizes=block_sizes, interpret=interpret)
+  if resolved == "tpu":
+    blocks = tpu_block_selection.block_selection(
+        selection_lib.key_mask(selection, keys.shape[1]),
+        block_rows=TPU_BLOCK_ROWS)
+    out, lse = tpu_attention.sparse_attention(q, keys, values, blocks,
+                                              sm_scale=sm_scale,
+                                              interpret=interpret)
+    if window_keys is None:
+      return out, lse
+    window_out, window_lse = references.attention(
+        q, window_keys, window_values, sm_scale=sm_scale)
+    return merge_partials(out, lse, window_out, window_lse)
+  return xla_fallback.sparse_attention(
+      q, keys, values, selection, window_keys=window_keys,
+      window_values=window_values, sm_scale=sm_scale)
+
+
+def squeezed_lookup_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, centroids: jax.Array,
+    counts: jax.Array, offsets: jax.Array, *, max_rows: int,
+    threshold: float | jax.Array | None = None, key_budget: int | None = None,
+    window_keys: jax.Array | None = None,
+    window_values: jax.Array | None = None,
+    query_mask: jax.Array | None = None, sm_scale: float | None = None,
+    backend: str | None = None,
+    interpret: bool = False) -> tuple[jax.Array, jax.Array, Selection]:
+  """Lookup, selection and attention over the fixed context of one layer.
+
+  The observation window (W rows, every query sees all of them) is attended
+  in the same sparse call. The result merges
+  exactly with the caller's dense attention over the user input and generated
+  tokens through `merge_partials`.
+
+  Args:
+    q: [B, Hq, D] (decode) or [B, T, Hq, D] (prefill), post-RoPE.
+    keys, values: [Hkv, S', D] cluster-contiguous clustered part.
+    centroids, counts, offsets: [Hkv, K, D], [Hkv, K], [Hkv, K + 1].
+    max_rows: static row budget of the selection.
+    threshold: keep clusters with sbar > threshold; or
+    key_budget: keep the top clusters up to this many keys.
+    window_keys, window_values: [Hkv, W, D] observation window, or None.
+    query_mask: [B, T] bool real prefill tokens (for the lookup's mean).
+    sm_scale: softmax scale, 1 / sqrt(D) if None.
+    backend: None (from the platform), "xla", "gpu" or "tpu".
+    interpret: run the GPU / TPU kernels in the Pallas interpreter.
+
+  Returns:
+    (out like q, lse [B, (T,) Hq] float32, the Selection).
+  """
+  scores = centroid_scores(q, centroids, counts, query_mask=query_mask,
+                           sm_scale=sm_scale, backend=backend,
+                           interpret=interpret)
+  selection = select_clusters(scores, counts, offsets, max_rows=max_rows,
+                              threshold=threshold, key_budget=key_budget)
+  out, lse = sparse_attention(q, keys, values, selection,
+                              window_keys=window_keys,
+                              window_values=window_values, sm_scale=sm_scale,
+                              backend=backend, interpret=interpret)
+  return out, lse, selection
