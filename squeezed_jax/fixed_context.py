@@ -92,9 +92,10 @@ class FixedContext:
 
   def threshold(self, percentile: float) -> jax.Array:
     """tau for a calibrated percentile (fraction of keys pruned)."""
-    return self.thresholds[self._percentile_index(percentile)]
+    return self.thresholds[self.percentile_index(percentile)]
 
-  def _percentile_index(self, percentile: float) -> int:
+  def percentile_index(self, percentile: float) -> int:
+    """Index of a calibrated percentile in `thresholds` / `kept_fraction` (ValueError if absent)."""
     for index, p in enumerate(self.config.percentiles):
       if abs(p - percentile) < 1e-9:
         return index

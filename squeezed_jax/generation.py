@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,15 +43,15 @@ def pad_prompts(prompts: Sequence[Sequence[int]], multiple: int) -> tuple[np.nda
   return tokens, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention_fn"))
-def _prefill_chunk(graphdef, state, tokens, start, last_index, last_logits, caches,
-                   attention_fn):
+def prefill_step(model: Llama, tokens: jax.Array, start: jax.Array, last_index: jax.Array,
+                 last_logits: jax.Array, caches: Sequence[Any],
+                 attention_fn: AttentionFn) -> tuple[jax.Array, tuple[Any, ...]]:
   """Runs one prefill chunk; keeps the logits of each prompt's last token when in this chunk.
 
-  tokens: [B, C]; start: scalar chunk start; last_index: [B] position of each last prompt token;
-  last_logits: [B, V]. Returns (last_logits, caches).
+  Traceable (call it inside `jax.jit`). tokens: [B, C] at positions start + 0..C-1; start: scalar;
+  last_index: [B] position of each last prompt token; last_logits: [B, V].
+  Returns (last_logits, caches).
   """
-  model = nnx.merge(graphdef, state)
   batch, chunk = tokens.shape
   positions = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (batch, chunk))
   logits, caches = model(tokens, positions, caches, attention_fn)
@@ -61,16 +61,26 @@ def _prefill_chunk(graphdef, state, tokens, start, last_index, last_logits, cach
   return jnp.where(in_chunk[:, None], picked[:, 0], last_logits), caches
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention_fn", "max_new_tokens",
-                                             "sampling"))
-def _decode(graphdef, state, logits, lengths, caches, key, stop_tokens, *, attention_fn,
-            max_new_tokens, sampling):
-  """Samples up to max_new_tokens per sequence in a `lax.while_loop`.
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention_fn"))
+def _prefill_chunk(graphdef, state, tokens, start, last_index, last_logits, caches,
+                   attention_fn):
+  """`prefill_step` of the model nnx.merge(graphdef, state), jitted."""
+  return prefill_step(nnx.merge(graphdef, state), tokens, start, last_index, last_logits, caches,
+                      attention_fn)
 
-  logits: [B, V] of each prompt's last token; lengths: [B]; stop_tokens: [N] int32.
-  Returns (tokens [B, max_new_tokens] int32, num_generated [B], stopped [B]).
+
+def decode_loop(model: Llama, logits: jax.Array, lengths: jax.Array, caches: Sequence[Any],
+                key: jax.Array, stop_tokens: jax.Array, *, attention_fn: AttentionFn,
+                max_new_tokens: int, sampling: SamplingParams,
+                on_step: Callable[[Any, jax.Array], Any] | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+  """Samples up to max_new_tokens per sequence in a `lax.while_loop` (traceable: call it in jit).
+
+  logits: [B, V] of each prompt's last token; lengths: [B] position of the first generated
+  token; stop_tokens: [N] int32. `on_step(caches, done)`, if given, updates the caches before
+  every model step (done: [B] bool, sequences already stopped).
+  Returns (tokens [B, max_new_tokens] int32, num_generated [B], stopped [B], final caches).
   """
-  model = nnx.merge(graphdef, state)
   batch = lengths.shape[0]
 
   def cond(carry):
@@ -85,13 +95,29 @@ def _decode(graphdef, state, logits, lengths, caches, key, stop_tokens, *, atten
     out = out.at[:, step].set(jnp.where(done | hit_stop, 0, token))
     num = num + (~done & ~hit_stop)
     done = done | hit_stop
+    if on_step is not None:
+      caches = on_step(caches, done)
     positions = (lengths + step)[:, None]
     new_logits, caches = model(token[:, None], positions, caches, attention_fn)
     return step + 1, out, num, done, new_logits[:, 0], caches, key
 
   init = (jnp.int32(0), jnp.zeros((batch, max_new_tokens), jnp.int32),
           jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool), logits, caches, key)
-  _, out, num, done, *_ = jax.lax.while_loop(cond, body, init)
+  _, out, num, done, _, caches, _ = jax.lax.while_loop(cond, body, init)
+  return out, num, done, caches
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention_fn", "max_new_tokens",
+                                             "sampling"))
+def _decode(graphdef, state, logits, lengths, caches, key, stop_tokens, *, attention_fn,
+            max_new_tokens, sampling):
+  """`decode_loop` of the model nnx.merge(graphdef, state), jitted; the caches are dropped.
+
+  Returns (tokens [B, max_new_tokens] int32, num_generated [B], stopped [B]).
+  """
+  out, num, done, _ = decode_loop(nnx.merge(graphdef, state), logits, lengths, caches, key,
+                                  stop_tokens, attention_fn=attention_fn,
+                                  max_new_tokens=max_new_tokens, sampling=sampling)
   return out, num, done
 
 

@@ -1,41 +1,17 @@
 """Tests for squeezed_jax.fixed_context: build on real weights, save/load, wrong-model errors."""
 
-import os
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from models.llama import PRESETS, Llama
-from models.llama.checkpoint import load_checkpoint
-from models.llama.tokenizer import load_tokenizer
 from squeezed_jax import atomic_checkpoint
 from squeezed_jax.fixed_context import ContextConfig, FixedContext
 
-ASSETS = os.path.join(os.path.dirname(__file__), os.pardir, "assets", "stories260K")
-STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the "
-         "park with her big red ball. One day, Lily saw a small dog under a tree. The dog was sad "
-         "because it was lost. Lily wanted to help the dog find its home. She asked her mom, and "
-         "her mom said they could look together. They walked around the park and asked everyone "
-         "they met. ") * 3
-
-
-@pytest.fixture(scope="module")
-def stories():
-  model, _ = load_checkpoint(os.path.join(ASSETS, "stories260K.bin"))
-  ids = load_tokenizer(os.path.join(ASSETS, "tok512.bin")).encode(STORY)
-  return model, ids
-
-
-@pytest.fixture(scope="module")
-def context(stories):
-  model, ids = stories
-  return FixedContext.build(model, ids, ContextConfig(observation_window=32, prefill_chunk=128))
-
-
-def test_build_layout_on_real_weights(stories, context):
-  model, ids = stories
+def test_build_layout_on_real_weights(stories, stories_context):
+  model, _, ids = stories
+  context = stories_context
   config = model.config
   clustered = len(ids) - 32
   num_clusters = int(np.ceil(0.05 * clustered))
@@ -55,7 +31,8 @@ def test_build_layout_on_real_weights(stories, context):
       np.testing.assert_allclose(rows.mean(0), centroids[layer, head, c], atol=1e-5)
 
 
-def test_thresholds_prune_the_calibrated_fraction(context):
+def test_thresholds_prune_the_calibrated_fraction(stories_context):
+  context = stories_context
   percentiles = np.array(context.config.percentiles)
   thresholds = np.asarray(context.thresholds)
   assert np.all(np.diff(thresholds) >= 0), "a larger pruned fraction needs a higher threshold"
@@ -67,8 +44,9 @@ def test_thresholds_prune_the_calibrated_fraction(context):
   assert float(context.threshold(0.9)) == float(thresholds[-1])
 
 
-def test_save_load_round_trip_is_bit_exact(stories, context, tmp_path):
-  model, _ = stories
+def test_save_load_round_trip_is_bit_exact(stories, stories_context, tmp_path):
+  model, _, _ = stories
+  context = stories_context
   context.save(str(tmp_path / "ctx"))
   loaded = FixedContext.load(str(tmp_path / "ctx"), model=model)
   assert loaded.config == context.config
@@ -77,8 +55,8 @@ def test_save_load_round_trip_is_bit_exact(stories, context, tmp_path):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_load_into_another_model_fails_clearly(context, tmp_path):
-  context.save(str(tmp_path / "ctx"))
+def test_load_into_another_model_fails_clearly(stories_context, tmp_path):
+  stories_context.save(str(tmp_path / "ctx"))
   other = Llama(PRESETS["tiny"], rngs=nnx.Rngs(0))
   with pytest.raises(atomic_checkpoint.CheckpointError, match="built for another model"):
     FixedContext.load(str(tmp_path / "ctx"), model=other)
@@ -93,7 +71,7 @@ def test_load_of_other_artifact_or_missing_dir_fails(tmp_path):
 
 
 def test_hierarchical_build(stories):
-  model, ids = stories
+  model, _, ids = stories
   config = ContextConfig(observation_window=32, prefill_chunk=128, hierarchical=True,
                          percent_clusters=10.0, percent_clusters_coarse=2.0)
   context = FixedContext.build(model, ids, config)

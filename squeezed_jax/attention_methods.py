@@ -1,0 +1,211 @@
+"""The model's attention function for questions asked of a fixed context, one per method.
+
+Each question token attends to (a) the fixed context, through the chosen method, and (b) the
+question's own tokens and the generated ones, densely and causally; the two partials merge
+exactly by log-sum-exp (`pallas_kernels.merge_partials`). Methods for (a):
+
+  dense                  every fixed-context key.
+  squeezed               centroid lookup, clusters above tau (or the top clusters within a key
+                         budget), sparse attention over their rows (`pallas_kernels`).
+  squeezed_hierarchical  coarse lookup above the coarse tau, then only the fine centroids inside
+                         the kept coarse clusters, then as `squeezed`.
+  quest, oracle_topk, streaming   the baselines of `squeezed_jax.baselines` (XLA).
+
+The observation window is always attended in full. The per-layer cache (`OnlineCache`) holds the
+question's dense KV cache (slot = position - S, S = context tokens), the budget statistics, and a
+reference to that layer's shared `ContextLayer` (never copied per question or per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from models.llama import KVCache
+from squeezed_jax import baselines
+from squeezed_jax.attention_partials import attention_partial
+from squeezed_jax.context_layers import ContextLayer
+from squeezed_jax.kv_budget import BudgetStats, LookupUsage
+
+METHODS = ("dense", "squeezed", "squeezed_hierarchical", "quest", "oracle_topk", "streaming")
+SQUEEZED_METHODS = ("squeezed", "squeezed_hierarchical")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  """The static settings of a method (hashable: part of the jit cache key).
+
+  name: one of METHODS.
+  max_rows: squeezed methods: static row capacity R of a selection (selected rows beyond R are
+    dropped and counted as an overflow).
+  key_budget: keys per (sequence, KV head): the squeezed methods' fixed-budget mode (None =
+    threshold mode) and the baselines' budget.
+  max_fine_clusters: squeezed_hierarchical: static number of fine centroids scored.
+  page_size: quest page size. sinks: streaming's sink keys.
+  measure_mass: also measure the attention mass captured by the attended rows (a dense pass).
+  backend: kernel backend for the squeezed methods (None = from the platform).
+  """
+
+  name: str
+  max_rows: int | None = None
+  key_budget: int | None = None
+  max_fine_clusters: int | None = None
+  page_size: int = 16
+  sinks: int = 4
+  measure_mass: bool = False
+  backend: str | None = None
+
+  def __post_init__(self):
+    if self.name not in METHODS:
+      raise ValueError(f"method {self.name!r} must be one of {METHODS}")
+    if self.name in SQUEEZED_METHODS and (self.max_rows is None or self.max_rows < 1):
+      raise ValueError(f"{self.name} needs {self.max_rows=} >= 1")
+    if self.name == "squeezed_hierarchical" and not (self.max_fine_clusters or 0) >= 1:
+      raise ValueError(f"{self.name} needs {self.max_fine_clusters=} >= 1")
+    if self.name in ("quest", "oracle_topk", "streaming") and not (self.key_budget or 0) >= 1:
+      raise ValueError(f"{self.name} needs {self.key_budget=} >= 1")
+
+
+@flax.struct.dataclass
+class OnlineCache:
+  """One layer's cache while questions are answered against a fixed context.
+
+  kv: [B, T_max, Hkv, D] keys/values of question + generated tokens, slot = position - S.
+  stats: budget statistics of this layer's lookups.
+  real_until: [B] int32, slots >= this are not real queries (prompt padding at prefill; a
+    stopped sequence at decode): they are left out of the lookup's mean and of the statistics.
+  context: the layer's shared fixed context (bound inside the jitted step, see `online`).
+  """
+
+  kv: KVCache
+  stats: BudgetStats
+  real_until: jax.Array
+  context: ContextLayer | None = None
+
+
+def _rows_mask(selection: pallas_kernels.Selection, num_keys: int) -> jax.Array:
+  """The selection's rows as [B, Hkv, S'] bool."""
+  valid = jnp.arange(selection.max_rows) < selection.num_rows[..., None]
+  mark = lambda rows, ok: jnp.zeros(num_keys, bool).at[rows].max(ok)
+  return jax.vmap(jax.vmap(mark))(selection.rows, valid)
+
+
+def _captured_mass(q: jax.Array, layer: ContextLayer, mask: jax.Array,
+                   weights: jax.Array) -> jax.Array:
+  """Share of the clustered part's attention mass on the `mask` [B, Hkv, S'] rows: [B, Hkv]."""
+  probs = baselines.attention_weights(q, layer.keys)
+  captured = jnp.where(mask[:, :, None, None, :], probs, 0.0).sum(axis=-1)
+  return jnp.einsum("BKGT,BT->BK", captured, weights) / probs.shape[2]
+
+
+def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
+                        query_mask: jax.Array):
+  """Lookup and selection. Returns (Selection, summary vectors [B, Hkv], overflow [B, Hkv])."""
+  if config.name == "squeezed":
+    scores = pallas_kernels.centroid_scores(q, layer.centroids, layer.counts,
+                                            query_mask=query_mask, backend=config.backend)
+    summary = jnp.full(scores.shape[:2], layer.centroids.shape[1], jnp.float32)
+    overflow = jnp.zeros(scores.shape[:2], bool)
+  else:
+    scores, kept_coarse = pallas_kernels.hierarchical_centroid_scores(
+        q, layer.centroids, layer.counts, layer.coarse_centroids, layer.coarse_counts,
+        layer.coarse_offsets, coarse_threshold=layer.coarse_threshold,
+        max_fine_clusters=config.max_fine_clusters, query_mask=query_mask)
+    fine_per_coarse = jnp.diff(layer.coarse_offsets, axis=-1)
+    candidates = jnp.where(kept_coarse, fine_per_coarse[None], 0).sum(axis=-1)
+    summary = (layer.coarse_centroids.shape[1]
+               + jnp.minimum(candidates, config.max_fine_clusters)).astype(jnp.float32)
+    overflow = candidates > config.max_fine_clusters
+  if config.key_budget is None:
+    selection = pallas_kernels.select_clusters(scores, layer.counts, layer.offsets,
+                                               max_rows=config.max_rows,
+                                               threshold=layer.threshold)
+  else:
+    selection = pallas_kernels.select_clusters(scores, layer.counts, layer.offsets,
+                                               max_rows=config.max_rows,
+                                               key_budget=config.key_budget)
+  wanted = jnp.where(selection.clusters, layer.counts[None], 0).sum(axis=-1)
+  return selection, summary, overflow | (wanted > config.max_rows)
+
+
+def _baseline_mask(config: MethodConfig, q: jax.Array, layer: ContextLayer,
+                   weights: jax.Array) -> tuple[jax.Array | None, int]:
+  """(key mask [B, Hkv, S'] or None for all keys, summary vectors per lookup)."""
+  if config.name == "dense":
+    return None, 0
+  if config.name == "quest":
+    mask = baselines.quest_mask(q, layer, weights, page_size=config.page_size,
+                                key_budget=config.key_budget)
+    return mask, 2 * layer.page_max.shape[1]
+  if config.name == "oracle_topk":
+    return baselines.oracle_topk_mask(q, layer, weights, key_budget=config.key_budget), 0
+  return baselines.streaming_mask(layer, q.shape[0], sinks=config.sinks,
+                                  key_budget=config.key_budget), 0
+
+
+def context_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
+                      query_mask: jax.Array) -> tuple[jax.Array, jax.Array, LookupUsage]:
+  """Attention of a query block over one layer's fixed context (selected rows + window).
+
+  q: [B, T, Hq, D] post-RoPE; query_mask: [B, T] bool real queries (T = 1 at decode).
+  Returns (out [B, T, Hq, D], lse [B, T, Hq] float32, the lookup's `LookupUsage`).
+  """
+  batch, num_kv_heads = q.shape[0], layer.keys.shape[0]
+  weights = baselines.query_weights(query_mask)
+  if config.name in SQUEEZED_METHODS:
+    selection, summary, overflow = _squeezed_selection(config, q, layer, query_mask)
+    # One token per sequence: the kernels' decode layout [B, Hq, D] (their decode tiles).
+    decode = q.shape[1] == 1
+    out, lse = pallas_kernels.sparse_attention(
+        q[:, 0] if decode else q, layer.keys, layer.values, selection,
+        window_keys=layer.window_keys, window_values=layer.window_values,
+        backend=config.backend)
+    if decode:
+      out, lse = out[:, None], lse[:, None]
+    rows = selection.num_rows.astype(jnp.float32)
+    mask = _rows_mask(selection, layer.num_clustered) if config.measure_mass else None
+  else:
+    mask, num_summary = _baseline_mask(config, q, layer, weights)
+    clustered = attention_partial(q, layer.keys, layer.values,
+                                  None if mask is None else mask[:, :, None, :])
+    window = attention_partial(q, layer.window_keys, layer.window_values, None)
+    out, lse = pallas_kernels.merge_partials(*clustered, *window)
+    rows = (jnp.full((batch, num_kv_heads), layer.num_clustered, jnp.float32) if mask is None
+            else mask.sum(axis=-1).astype(jnp.float32))
+    summary = jnp.full((batch, num_kv_heads), num_summary, jnp.float32)
+    overflow = jnp.zeros((batch, num_kv_heads), bool)
+    if mask is None and config.measure_mass:
+      mask = jnp.ones((batch, num_kv_heads, layer.num_clustered), bool)
+  mass = _captured_mass(q, layer, mask, weights) if config.measure_mass else None
+  return out, lse, LookupUsage(rows=rows, summary_vectors=summary, overflow=overflow, mass=mass)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineAttention:
+  """The model's attention function `(q, k, v, positions, cache, layer) -> (out, cache)` for
+  question tokens against a fixed context (cache: that layer's `OnlineCache`, context bound).
+
+  Hashable, so it can be a static argument of jitted steps.
+  """
+
+  config: MethodConfig
+
+  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+               cache: OnlineCache, layer: int) -> tuple[jax.Array, OnlineCache]:
+    """q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; positions: [B, T] (>= S) -> out [B, T, Hq, D]."""
+    del layer  # The cache holds this layer's context.
+    context = cache.context
+    slots = positions - context.num_tokens
+    kv = cache.kv.write(slots, k, v)
+    query_mask = slots < cache.real_until[:, None]
+    context_out, context_lse, usage = context_attention(self.config, q, context, query_mask)
+    causal = jnp.arange(kv.capacity)[None, None, :] <= slots[:, :, None]
+    own_out, own_lse = attention_partial(q, kv.keys, kv.values, causal[:, None])
+    out, _ = pallas_kernels.merge_partials(context_out.astype(jnp.float32), context_lse,
+                                           own_out, own_lse)
+    stats = cache.stats.add(usage, query_mask.any(axis=1))
+    return out.astype(q.dtype), cache.replace(kv=kv, stats=stats)

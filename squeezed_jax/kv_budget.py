@@ -1,0 +1,78 @@
+"""KV budget accounting: what each lookup read of the fixed context, accumulated in the cache.
+
+Every lookup (one prefill chunk or one decode step, per layer, KV head and sequence) reports the
+clustered fixed-context rows it attends to and the summary vectors it scored (centroids, or
+Quest's page bounds). As in the paper, summaries store keys only, so a summary vector costs half a
+KV row: the budget of a lookup is (rows + summary_vectors / 2) / S', the fraction of the
+clustered fixed context's KV bytes read (the observation window is read by every method and is
+not counted).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+class LookupUsage(NamedTuple):
+  """What one lookup read, per sequence and KV head ([B, Hkv] each).
+
+  rows: clustered fixed-context rows attended. summary_vectors: centroid / page-summary vectors
+  scored. overflow: the selection exceeded its static capacity and was truncated.
+  mass: fraction of the clustered part's attention mass on the attended rows (mean over the
+  real queries and the GQA group), or None when not measured.
+  """
+
+  rows: jax.Array
+  summary_vectors: jax.Array
+  overflow: jax.Array
+  mass: jax.Array | None
+
+
+@flax.struct.dataclass
+class BudgetStats:
+  """Sums over the lookups of the sequences that had a real query.
+
+  rows, summary_vectors, mass: [B, Hkv] float32 sums of `LookupUsage` fields (mass stays 0 when
+  not measured); overflows: [B, Hkv] int32 truncated lookups; lookups: [B] float32 count.
+  """
+
+  rows: jax.Array
+  summary_vectors: jax.Array
+  mass: jax.Array
+  overflows: jax.Array
+  lookups: jax.Array
+
+  @classmethod
+  def zeros(cls, batch: int, num_kv_heads: int) -> "BudgetStats":
+    shape = (batch, num_kv_heads)
+    return cls(rows=jnp.zeros(shape, jnp.float32), summary_vectors=jnp.zeros(shape, jnp.float32),
+               mass=jnp.zeros(shape, jnp.float32), overflows=jnp.zeros(shape, jnp.int32),
+               lookups=jnp.zeros((batch,), jnp.float32))
+
+  def add(self, usage: LookupUsage, real: jax.Array) -> "BudgetStats":
+    """Adds one lookup for the sequences with `real` [B] bool True."""
+    counted = real[:, None]
+    add = lambda total, value: total + jnp.where(counted, value, 0).astype(total.dtype)
+    return BudgetStats(
+        rows=add(self.rows, usage.rows),
+        summary_vectors=add(self.summary_vectors, usage.summary_vectors),
+        mass=self.mass if usage.mass is None else add(self.mass, usage.mass),
+        overflows=add(self.overflows, usage.overflow),
+        lookups=self.lookups + real.astype(jnp.float32))
+
+
+def budget_fractions(stats: BudgetStats, num_clustered: int) -> dict[str, jax.Array]:
+  """Per-lookup means as fractions of the clustered fixed context (S' = num_clustered keys).
+
+  Returns [B, Hkv] arrays: "kv_budget" ((rows + summary_vectors / 2) / S'), "rows_fraction"
+  (rows / S'), "summary_fraction" (summary_vectors / (2 S')), "attention_mass" (mean mass).
+  """
+  lookups = jnp.maximum(stats.lookups, 1.0)[:, None]
+  rows = stats.rows / lookups / num_clustered
+  summary = stats.summary_vectors / lookups / (2 * num_clustered)
+  return {"kv_budget": rows + summary, "rows_fraction": rows, "summary_fraction": summary,
+          "attention_mass": stats.mass / lookups}
