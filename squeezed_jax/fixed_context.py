@@ -102,6 +102,10 @@ class FixedContext:
     raise ValueError(f"{percentile=} was not calibrated; this context has "
                      f"{self.config.percentiles}")
 
+  def check_model(self, model: Llama) -> None:
+    """Raises CheckpointError (a ValueError) when this context was built for another model."""
+    _check_built_for(self.model_config, model.config, "the fixed context")
+
   @classmethod
   def build(cls, model: Llama, token_ids: Sequence[int],
             config: ContextConfig = ContextConfig()) -> "FixedContext":
@@ -171,11 +175,7 @@ class FixedContext:
           f"{directory!r} is not a fixed context ({metadata.get('format')=}, expected {FORMAT})")
     model_config = LlamaConfig.from_hf_config(metadata["model_config"])
     if model is not None:
-      if metadata["model_identity"] != model.config.identity_hash():
-        raise atomic_checkpoint.CheckpointError(
-            f"fixed context {directory!r} was built for another model (identity "
-            f"{metadata['model_identity']}: {_describe(model_config)}), not for the given one "
-            f"(identity {model.config.identity_hash()}: {_describe(model.config)})")
+      _check_built_for(model_config, model.config, f"fixed context {directory!r}")
       model_config = model.config
     arrays, _ = atomic_checkpoint.load(directory)
     config = ContextConfig(**{**metadata["config"],
@@ -190,6 +190,14 @@ class FixedContext:
 
 _ARRAY_FIELDS = ("keys", "values", "window_keys", "window_values", "thresholds", "kept_fraction",
                  "coarse_thresholds", "token_ids")
+
+
+def _check_built_for(built_for: LlamaConfig, given: LlamaConfig, what: str) -> None:
+  if built_for.identity_hash() != given.identity_hash():
+    raise atomic_checkpoint.CheckpointError(
+        f"{what} was built for another model (identity {built_for.identity_hash()}: "
+        f"{_describe(built_for)}), not for the given one (identity {given.identity_hash()}: "
+        f"{_describe(given)})")
 
 
 def _describe(config: LlamaConfig) -> str:

@@ -218,14 +218,6 @@ def _decode(graphdef, state, layers, logits, lengths, caches, key, stop_tokens, 
   return out, num, done, tuple(cache.stats for cache in caches)
 
 
-def check_model(model: Llama, ctx: FixedContext) -> None:
-  """Raises ValueError when `ctx` was built for another model than `model`."""
-  if ctx.model_config.identity_hash() != model.config.identity_hash():
-    raise ValueError(f"the fixed context was built for another model (identity "
-                     f"{ctx.model_config.identity_hash()}), not for the given one (identity "
-                     f"{model.config.identity_hash()})")
-
-
 def generate(model: Llama, ctx: FixedContext, questions: Sequence[Sequence[int]], *,
              method: str = "squeezed", percentile: float | None = None,
              kv_budget: float | None = None, max_new_tokens: int = 64,
@@ -240,7 +232,7 @@ def generate(model: Llama, ctx: FixedContext, questions: Sequence[Sequence[int]]
   `kv_budget`; dense takes neither. Generation stops at `stop_tokens` (default: EOS) or after
   `max_new_tokens`.
   """
-  check_model(model, ctx)
+  ctx.check_model(model)
   if max_new_tokens < 1:
     raise ValueError(f"{max_new_tokens=} must be >= 1")
   config, threshold, coarse_threshold = resolve_method(
