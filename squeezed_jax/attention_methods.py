@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from models.llama import KVCache
+from models.llama import KVCache, grouped_attention
+from pallas_kernels import queries, references
 from squeezed_jax import baselines
-from squeezed_jax.attention_partials import attention_partial
 from squeezed_jax.context_layers import ContextLayer
 from squeezed_jax.kv_budget import BudgetStats, LookupUsage
 
@@ -155,7 +155,7 @@ def context_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   Returns (out [B, T, Hq, D], lse [B, T, Hq] float32, the lookup's `LookupUsage`).
   """
   batch, num_kv_heads = q.shape[0], layer.keys.shape[0]
-  weights = baselines.query_weights(query_mask)
+  weights = queries.query_weights(query_mask, *query_mask.shape)
   if config.name in SQUEEZED_METHODS:
     selection, summary, overflow = _squeezed_selection(config, q, layer, query_mask)
     # One token per sequence: the kernels' decode layout [B, Hq, D] (their decode tiles).
@@ -170,9 +170,9 @@ def context_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
     mask = _rows_mask(selection, layer.num_clustered) if config.measure_mass else None
   else:
     mask, num_summary = _baseline_mask(config, q, layer, weights)
-    clustered = attention_partial(q, layer.keys, layer.values,
-                                  None if mask is None else mask[:, :, None, :])
-    window = attention_partial(q, layer.window_keys, layer.window_values, None)
+    q32 = q.astype(jnp.float32)  # float32 partials, merged before the cast back
+    clustered = references.attention(q32, layer.keys, layer.values, mask)
+    window = references.attention(q32, layer.window_keys, layer.window_values)
     out, lse = pallas_kernels.merge_partials(*clustered, *window)
     rows = (jnp.full((batch, num_kv_heads), layer.num_clustered, jnp.float32) if mask is None
             else mask.sum(axis=-1).astype(jnp.float32))
@@ -204,7 +204,7 @@ class OnlineAttention:
     query_mask = slots < cache.real_until[:, None]
     context_out, context_lse, usage = context_attention(self.config, q, context, query_mask)
     causal = jnp.arange(kv.capacity)[None, None, :] <= slots[:, :, None]
-    own_out, own_lse = attention_partial(q, kv.keys, kv.values, causal[:, None])
+    own_out, own_lse = grouped_attention(q, kv.keys, kv.values, causal)
     out, _ = pallas_kernels.merge_partials(context_out.astype(jnp.float32), context_lse,
                                            own_out, own_lse)
     stats = cache.stats.add(usage, query_mask.any(axis=1))

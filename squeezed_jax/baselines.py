@@ -9,9 +9,9 @@
   in original order; the observation window (always attended) is the most recent part.
 
 For a block of queries, as in the squeezed lookup, a score is the mean over the block's real
-queries, then the max over the GQA group. Every selection is a dense key mask in the reordered
-row order of `ContextLayer.keys` (rows map to original positions through `permutation`). These run
-on XLA (pure jnp).
+queries, then the max over the GQA group (`pallas_kernels.references.block_scores`). Every
+selection is a dense key mask in the reordered row order of `ContextLayer.keys` (rows map to
+original positions through `permutation`). These run on XLA (pure jnp).
 """
 
 from __future__ import annotations
@@ -19,28 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import queries, references
 from squeezed_jax.context_layers import ContextLayer
-
-
-def query_weights(query_mask: jax.Array) -> jax.Array:
-  """[B, T] bool real queries -> [B, T] float32 weights of the mean over real queries."""
-  mask = query_mask.astype(jnp.float32)
-  return mask / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-
-
-def block_scores(scores: jax.Array, weights: jax.Array) -> jax.Array:
-  """Mean over the block's queries, then max over the GQA group.
-
-  scores: [B, Hkv, G, T, X]; weights: [B, T]. Returns [B, Hkv, X].
-  """
-  return jnp.einsum("BKGTX,BT->BKGX", scores, weights).max(axis=2)
-
-
-def grouped_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
-  """[B, T, Hq, D] -> [B, T, Hkv, G, D] float32 (query head n uses KV head n // G)."""
-  batch, length, num_heads, head_dim = q.shape
-  return q.astype(jnp.float32).reshape(batch, length, num_kv_heads, num_heads // num_kv_heads,
-                                       head_dim)
 
 
 def top_mask(scores: jax.Array, count: int) -> jax.Array:
@@ -56,12 +36,13 @@ def quest_mask(q: jax.Array, layer: ContextLayer, weights: jax.Array, *, page_si
 
   q: [B, T, Hq, D]; weights: [B, T]. Returns [B, Hkv, S'] bool in reordered row order.
   """
-  grouped = grouped_queries(q, layer.keys.shape[0])
+  grouped = queries.group_heads(q.astype(jnp.float32), layer.keys.shape[0])
   # max(q_d min_d, q_d max_d) = relu(q_d) max_d + min(q_d, 0) min_d.
   bounds = (jnp.einsum("BTKGD,KPD->BKGTP", jnp.maximum(grouped, 0.0), layer.page_max)
             + jnp.einsum("BTKGD,KPD->BKGTP", jnp.minimum(grouped, 0.0), layer.page_min))
   num_pages = layer.page_max.shape[1]
-  pages = top_mask(block_scores(bounds, weights), min(num_pages, -(-key_budget // page_size)))
+  pages = top_mask(references.block_scores(bounds, weights),
+                   min(num_pages, -(-key_budget // page_size)))
   row_pages = layer.permutation // page_size
   return jnp.take_along_axis(pages, jnp.broadcast_to(row_pages, pages.shape[:2]
                                                      + row_pages.shape[-1:]), axis=-1)
@@ -69,7 +50,7 @@ def quest_mask(q: jax.Array, layer: ContextLayer, weights: jax.Array, *, page_si
 
 def attention_weights(q: jax.Array, keys: jax.Array) -> jax.Array:
   """Softmax weights of every query over the keys [Hkv, S', D]: [B, Hkv, G, T, S'] float32."""
-  grouped = grouped_queries(q, keys.shape[0])
+  grouped = queries.group_heads(q.astype(jnp.float32), keys.shape[0])
   logits = jnp.einsum("BTKGD,KSD->BKGTS", grouped, keys.astype(jnp.float32))
   return jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1)
 
@@ -80,7 +61,7 @@ def oracle_topk_mask(q: jax.Array, layer: ContextLayer, weights: jax.Array, *,
 
   q: [B, T, Hq, D]; weights: [B, T]. Returns [B, Hkv, S'] bool.
   """
-  scores = block_scores(attention_weights(q, layer.keys), weights)
+  scores = references.block_scores(attention_weights(q, layer.keys), weights)
   return top_mask(scores, min(key_budget, layer.num_clustered))
 
 
