@@ -1,5 +1,6 @@
 # Two commands on a fresh clone:
-#   make demo   creates .venv, installs the package, generates a story with the embedded model
+#   make demo   creates .venv, installs the package, asks the embedded long-context model for
+#               needles hidden in an 8K-token context, with dense and squeezed attention
 #   make test   creates .venv, installs the package with its test extra, runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,10 +25,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/python -m experiments.generate \
-	  --checkpoint=assets/stories260K/stories260K.bin \
-	  --tokenizer=assets/stories260K/tok512.bin \
-	  --prompt="Once upon a time" --max_new_tokens=200 --temperature=0
+	$(BIN)/python -m experiments.demo
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests

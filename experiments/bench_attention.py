@@ -6,17 +6,23 @@ user tokens) it times, after warm-up:
     (`jax.nn.dot_product_attention`, implementation "cudnn" and "xla"; the
     decode batch shares one context, so its B queries are folded into the
     query axis and K/V are read once, as in the sparse path);
-  * the lookup (Pallas centroid scores + threshold selection; also the XLA
-    reference lookup);
-  * the block-sparse attention alone;
-  * the whole path (lookup + selection + sparse attention over the selected
-    rows and the observation window), with float32 centroids (the layout) and
-    with bfloat16 centroids (half the lookup's bytes).
-With --sweep it times tile variants and the selection's steps instead (the
-tuning behind the defaults in pallas_kernels/block_sizes.py).
+  * the row-list path: the lookup (Pallas centroid scores + threshold
+    selection into a row list), the block-sparse attention alone over the
+    rows, and the whole `squeezed_lookup_attention` (lookup + selection +
+    attention over the rows and the observation window), with float32
+    centroids (the layout) and bfloat16 centroids (half the lookup's bytes);
+  * decode only, the fused path `squeezed_decode_attention` (selection inside
+    the attention kernel): flat lookup with float32 / bfloat16 centroids, the
+    hierarchical lookup (coarse level = 1% of S', coarse threshold keeping
+    `--coarse_keep` of the keys, fine threshold calibrated for the same
+    budget), and the fused attention kernel alone (its K/V bandwidth).
+With --sweep it first times tile variants (the tuning behind the defaults in
+pallas_kernels/block_sizes.py; --tune then times the fused cases with the
+fastest decode tiles); with --profile it traces decode and prefill calls and
+lists the GPU kernels of one call (count, busy time, span).
 Times are medians over repeats of a loop of `--iters` calls (mean per call),
 alternating between two input sets so the selected rows are not in L2.
-The threshold is calibrated like the offline phase: the pooled per-key score
+Thresholds are calibrated like the offline phase: the pooled per-key score
 quantile that keeps the budget's fraction of keys.
 
 Usage (from the repository root, on the GPU machine):
@@ -25,10 +31,14 @@ Usage (from the repository root, on the GPU machine):
 
 from __future__ import annotations
 
+import collections
 import functools
+import glob
 import json
 import math
+import os
 import statistics
+import tempfile
 import time
 
 from absl import app
@@ -42,6 +52,7 @@ from pallas_kernels import references
 from pallas_kernels import selection as selection_lib
 from pallas_kernels import synthetic
 from pallas_kernels.gpu import centroid_scores as gpu_scores
+from pallas_kernels.gpu import decode_attention as gpu_decode
 from pallas_kernels.gpu import sparse_attention as gpu_attention
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768", "131072"],
@@ -57,6 +68,11 @@ _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "D.")
 _WINDOW = flags.DEFINE_integer("window", 100, "Observation window W.")
 _PERCENT_CLUSTERS = flags.DEFINE_float("percent_clusters", 5.0,
                                        "K = ceil(pct / 100 * S').")
+_PERCENT_COARSE = flags.DEFINE_float("percent_coarse", 1.0,
+                                     "Kc = ceil(pct / 100 * S').")
+_COARSE_KEEP = flags.DEFINE_float(
+    "coarse_keep", 0.5, "Fraction of keys the coarse threshold keeps (the "
+    "project's default coarse percentile 0.5).")
 _ITERS = flags.DEFINE_integer("iters", 20, "Calls per timed loop.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed loops (median taken).")
 _CHECK = flags.DEFINE_bool("check", False,
@@ -65,10 +81,25 @@ _DENSE_XLA = flags.DEFINE_bool("dense_xla", True,
                                "Also time dense attention through XLA.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _SWEEP = flags.DEFINE_bool(
-    "sweep", False, "Time kernel variants (tiles, selection steps) at the "
-    "largest S and first budget instead of the cases.")
+    "sweep", False, "Time kernel variants (tiles) at the largest S and first "
+    "budget, before the cases.")
+_SWEEP_CASES = flags.DEFINE_list(
+    "sweep_cases", ["decode1", "decode8", "prefill2048"],
+    "Cases of the sweep (decode1, decode8: fused tiles; prefill2048: lookup "
+    "and sparse tiles).")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "Trace decode / prefill calls at the largest S and "
+    "first budget and list their GPU kernels.")
+_TUNE = flags.DEFINE_bool(
+    "tune", False, "With --sweep: time the fused decode cases with the "
+    "fastest flat fused tiles of the sweep's decode1 (printed) instead of "
+    "the defaults.")
+_RUN_CASES = flags.DEFINE_bool(
+    "run_cases", True, "Time the cases (after --profile / --sweep if given).")
 _INTERPRET = flags.DEFINE_bool(
     "interpret", False, "Pallas interpreter (a CPU smoke test of this script).")
+
+Level = collections.namedtuple("Level", "centroids counts offsets")
 
 
 def timed_ms(fn, inputs: list[tuple]) -> float:
@@ -83,6 +114,42 @@ def timed_ms(fn, inputs: list[tuple]) -> float:
     jax.block_until_ready(result)
     means.append((time.perf_counter() - start) / _ITERS.value)
   return 1e3 * statistics.median(means)
+
+
+def gpu_kernels(fn, inputs: list[tuple], calls: int = 10) -> dict:
+  """The GPU kernels of one call of `fn`, from a profiler trace of `calls`.
+
+  Returns kernels per call, busy ms per call (sum of kernel durations), span
+  ms per call (first kernel start to last kernel end, over calls), and the
+  kernels of the last call with their durations.
+  """
+  for args in inputs:
+    jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for i in range(calls):
+        result = fn(*inputs[i % len(inputs)])
+      jax.block_until_ready(result)
+    [path] = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+  events = []
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if line.name.lower().startswith("stream"):
+        events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+  if not events:
+    return dict(kernels_per_call=0)
+  events.sort()
+  per_call = len(events) // calls
+  last = events[-per_call:]
+  return dict(
+      kernels_per_call=len(events) / calls,
+      busy_ms=sum(e[1] for e in events) / calls * 1e-6,
+      span_ms=(events[-1][0] + events[-1][1] - events[0][0]) / calls * 1e-6,
+      last_call=[(name, round(duration * 1e-3, 1)) for _, duration, name
+                 in last])
 
 
 def copy_bandwidth() -> float:
@@ -110,11 +177,10 @@ def rel_err(got, want) -> float:
 def check_kernels() -> list[dict]:
   """Compiled GPU kernels vs the float32 references at small shapes."""
   rows = []
-  for group, shape in [(1, (3, 32)), (4, (3, 32)), (1, (1, 64, 32)),
-                       (4, (2, 48, 32))]:
-    num_kv_heads, head_dim = 4, 128
+  num_kv_heads, head_dim, num_keys = 4, 128, 4000
+  for group, shape in [(4, (3, 32)), (1, (8, 32)), (4, (2, 48, 32))]:
     ctx = synthetic.clustered_context(
-        jax.random.key(group), num_kv_heads=num_kv_heads, num_keys=4000,
+        jax.random.key(group), num_kv_heads=num_kv_heads, num_keys=num_keys,
         num_clusters=200, head_dim=head_dim)
     q_shape = (*shape[:-1], num_kv_heads * group, head_dim)
     q = jax.random.normal(jax.random.key(7), q_shape, jnp.bfloat16)
@@ -123,22 +189,51 @@ def check_kernels() -> list[dict]:
                                             interpret=_INTERPRET.value)
     tau = float(jnp.quantile(want_scores, 0.8))
     sel = selection_lib.select_clusters(want_scores, ctx.counts, ctx.offsets,
-                                        max_rows=4000, threshold=tau)
-    out, lse = gpu_attention.sparse_attention(q, ctx.keys, ctx.values, sel,
-                                              interpret=_INTERPRET.value)
-    want_out, want_lse = references.attention(
-        q, ctx.keys, ctx.values, selection_lib.key_mask(sel, 4000))
-    all_sel = selection_lib.select_clusters(want_scores, ctx.counts,
-                                            ctx.offsets, max_rows=4000,
-                                            threshold=-1.0)
-    dense_out, _ = gpu_attention.sparse_attention(
-        q, ctx.keys, ctx.values, all_sel, interpret=_INTERPRET.value)
-    ref_dense, _ = references.attention(q, ctx.keys, ctx.values)
-    row = dict(q_shape=q_shape, scores_rel_err=rel_err(got_scores, want_scores),
+                                        max_rows=num_keys, threshold=tau)
+    window_kv = jax.random.normal(jax.random.key(8),
+                                  (2, num_kv_heads, 100, head_dim),
+                                  jnp.bfloat16)
+    out, lse = gpu_attention.sparse_attention(
+        q, ctx.keys, ctx.values, sel, window_keys=window_kv[0],
+        window_values=window_kv[1], interpret=_INTERPRET.value)
+    keys = jnp.concatenate([ctx.keys, window_kv[0]], axis=1)
+    values = jnp.concatenate([ctx.values, window_kv[1]], axis=1)
+    window_mask = jnp.ones((q.shape[0], num_kv_heads, 100), bool)
+    mask = jnp.concatenate([selection_lib.key_mask(sel, num_keys),
+                            window_mask], axis=-1)
+    want_out, want_lse = references.attention(q, keys, values, mask)
+    row = dict(q_shape=q_shape,
+               scores_rel_err=rel_err(got_scores, want_scores),
                out_rel_err=rel_err(out, want_out),
                lse_max_abs_err=float(jnp.abs(lse - want_lse).max()),
-               all_selected_vs_dense_rel_err=rel_err(dense_out, ref_dense),
                finite=bool(jnp.isfinite(out.astype(jnp.float32)).all()))
+    if len(shape) == 2:
+      coarse = Level(*synthetic.coarse_level(jax.random.key(9), ctx.centroids,
+                                             ctx.counts, 40))
+      coarse_scores = references.centroid_scores(q, coarse.centroids,
+                                                 coarse.counts)
+      coarse_tau = float(jnp.quantile(coarse_scores, 0.5))
+      for name, levels in (("fused", {}), ("fused_hierarchical", dict(
+          coarse_centroids=coarse.centroids, coarse_counts=coarse.counts,
+          coarse_offsets=coarse.offsets, coarse_threshold=coarse_tau))):
+        for dtype in (jnp.float32, jnp.bfloat16):
+          args = (q, ctx.keys, ctx.values, ctx.centroids.astype(dtype),
+                  ctx.counts, ctx.offsets)
+          kwargs = dict(threshold=tau, window_keys=window_kv[0],
+                        window_values=window_kv[1], **levels)
+          got_out, got_lse, got_kept = pk.squeezed_decode_attention(
+              *args, backend="gpu", interpret=_INTERPRET.value, **kwargs)
+          ref_out, ref_lse, ref_kept = pk.squeezed_decode_attention(
+              q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
+              backend="xla", **kwargs)
+          flips = int((got_kept.clusters != ref_kept.clusters).sum())
+          key = f"{name}_{jnp.dtype(dtype).name}"
+          row[f"{key}_out_rel_err"] = rel_err(got_out, ref_out)
+          row[f"{key}_lse_max_abs_err"] = float(
+              jnp.abs(got_lse - ref_lse).max())
+          row[f"{key}_cluster_flips"] = flips
+          row[f"{key}_finite"] = bool(
+              jnp.isfinite(got_out.astype(jnp.float32)).all())
     print("check", row, flush=True)
     rows.append(row)
   return rows
@@ -163,236 +258,372 @@ def parse_case(case: str) -> tuple[int, int | None]:
   raise ValueError(f"{case=} must be decode<B> or prefill<T>")
 
 
-def run_seq_len(seq_len: int, copy_gbs: float) -> list[dict]:
-  """All cases of one fixed-context length."""
-  num_kv_heads, head_dim, window = (_NUM_KV_HEADS.value, _HEAD_DIM.value,
-                                    _WINDOW.value)
-  num_keys = seq_len - window
-  num_clusters = math.ceil(_PERCENT_CLUSTERS.value / 100 * num_keys)
-  ctx = synthetic.clustered_context(
-      jax.random.key(seq_len), num_kv_heads=num_kv_heads, num_keys=num_keys,
-      num_clusters=num_clusters, head_dim=head_dim)
-  wk, wv = (jax.random.normal(k, (num_kv_heads, window, head_dim),
-                              jnp.bfloat16)
-            for k in jax.random.split(jax.random.key(1), 2))
-  # Two input sets (K and V swapped, centroids negated) defeat the L2.
-  contexts = [(ctx.keys, ctx.values, ctx.centroids),
-              (ctx.values, ctx.keys, -ctx.centroids)]
-  dense_kv = [
-      tuple(jnp.concatenate([a, w], axis=1).transpose(1, 0, 2)[None]
-            for a, w in ((k, wk), (v, wv))) for k, v, _ in contexts]
-  results = []
-  dense_cache = {}
-  for case in _CASES.value:
+class Setup:
+  """One fixed context of S tokens: clustered part, coarse level, window,
+  two input sets (K and V swapped, centroids negated) that defeat the L2."""
+
+  def __init__(self, seq_len: int):
+    num_kv_heads, head_dim = _NUM_KV_HEADS.value, _HEAD_DIM.value
+    self.seq_len = seq_len
+    self.num_keys = seq_len - _WINDOW.value
+    self.num_clusters = math.ceil(_PERCENT_CLUSTERS.value / 100
+                                  * self.num_keys)
+    self.ctx = synthetic.clustered_context(
+        jax.random.key(seq_len), num_kv_heads=num_kv_heads,
+        num_keys=self.num_keys, num_clusters=self.num_clusters,
+        head_dim=head_dim)
+    self.coarse = Level(*synthetic.coarse_level(
+        jax.random.key(seq_len + 1), self.ctx.centroids, self.ctx.counts,
+        math.ceil(_PERCENT_COARSE.value / 100 * self.num_keys)))
+    self.window = tuple(
+        jax.random.normal(k, (num_kv_heads, _WINDOW.value, head_dim),
+                          jnp.bfloat16)
+        for k in jax.random.split(jax.random.key(1), 2))
+    self.contexts = [(self.ctx.keys, self.ctx.values, self.ctx.centroids,
+                      self.coarse.centroids),
+                     (self.ctx.values, self.ctx.keys, -self.ctx.centroids,
+                      -self.coarse.centroids)]
+
+  def queries(self, case: str) -> list[jax.Array]:
     batch, tokens = parse_case(case)
-    q_shape = ((batch, _NUM_HEADS.value, head_dim) if tokens is None
-               else (batch, tokens, _NUM_HEADS.value, head_dim))
-    qs = [jax.random.normal(jax.random.key(i), q_shape, jnp.bfloat16)
-          for i in range(2)]
-    if case not in dense_cache:
-      dense_cache[case] = {}
-      for impl in ["cudnn"] + (["xla"] if _DENSE_XLA.value else []):
-        fn = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
-            q.reshape(1, -1, *q.shape[-2:]), k, v, implementation=impl))
-        try:
-          dense_cache[case][impl] = timed_ms(
-              fn, [(q, *kv) for q, kv in zip(qs, dense_kv)])
-        except Exception as e:  # pylint: disable=broad-except
-          print(f"dense {impl} {case} failed: {type(e).__name__}: "
-                f"{str(e)[:200]}", flush=True)
-          dense_cache[case][impl] = None
-    ref_scores = jax.jit(references.centroid_scores)(qs[0], ctx.centroids,
-                                                     ctx.counts)
-    for budget in map(float, _BUDGETS.value):
-      tau = calibrate_threshold(ref_scores, ctx.counts, budget)
-      probe = selection_lib.select_clusters(
-          ref_scores, ctx.counts, ctx.offsets, max_rows=num_keys,
-          threshold=tau)
-      most = int(probe.num_rows.max())
-      max_rows = -(-max(most, int(1.25 * budget * num_keys)) // 512) * 512
+    shape = ((batch, _NUM_HEADS.value, _HEAD_DIM.value) if tokens is None
+             else (batch, tokens, _NUM_HEADS.value, _HEAD_DIM.value))
+    return [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16)
+            for i in range(2)]
 
-      def lookup(q, centroids, backend):
-        scores = pk.centroid_scores(q, centroids, ctx.counts, backend=backend,
-                                    interpret=_INTERPRET.value)
-        return pk.select_clusters(scores, ctx.counts, ctx.offsets,
-                                  max_rows=max_rows, threshold=tau)
+  def dense_kv(self):
+    return [tuple(jnp.concatenate([a, w], axis=1).transpose(1, 0, 2)[None]
+                  for a, w in ((k, self.window[0]), (v, self.window[1])))
+            for k, v, _, _ in self.contexts]
 
-      def full(q, keys, values, centroids):
-        out, lse, _ = pk.squeezed_lookup_attention(
-            q, keys, values, centroids, ctx.counts, ctx.offsets,
-            max_rows=max_rows, threshold=tau, window_keys=wk,
-            window_values=wv, backend="gpu", interpret=_INTERPRET.value)
-        return out, lse
+  def thresholds(self, q: jax.Array, budget: float) -> dict:
+    """Flat tau, and hierarchical (coarse tau, fine tau), for `budget`."""
+    ctx, coarse = self.ctx, self.coarse
+    scores = jax.jit(references.centroid_scores)(q, ctx.centroids, ctx.counts)
+    result = dict(tau=calibrate_threshold(scores, ctx.counts, budget),
+                  scores=scores)
+    if q.ndim == 3:
+      coarse_scores = jax.jit(references.centroid_scores)(
+          q, coarse.centroids, coarse.counts)
+      coarse_tau = calibrate_threshold(coarse_scores, coarse.counts,
+                                       _COARSE_KEEP.value)
+      fine_scores, _ = jax.jit(functools.partial(
+          references.hierarchical_centroid_scores,
+          coarse_threshold=coarse_tau))(q, ctx.centroids, ctx.counts,
+                                        *coarse)
+      result.update(coarse_tau=coarse_tau, fine_tau=calibrate_threshold(
+          fine_scores, ctx.counts, budget))
+    return result
 
-      lookup_gpu = jax.jit(functools.partial(lookup, backend="gpu"))
-      lookup_xla = jax.jit(functools.partial(lookup, backend="xla"))
-      sparse = jax.jit(functools.partial(pk.sparse_attention, backend="gpu",
-                                         interpret=_INTERPRET.value))
-      full_jit = jax.jit(full)
-      sels = [lookup_gpu(q, c) for q, (_, _, c) in zip(qs, contexts)]
-      selected = float(np.mean(np.asarray(sels[0].num_rows))) / num_keys
-      truncated = int((np.asarray(sels[0].num_rows) >= max_rows).sum())
-      row = dict(seq_len=seq_len, budget=budget, case=case, batch=batch,
-                 tokens=tokens, num_kv_heads=num_kv_heads,
-                 num_heads=_NUM_HEADS.value, head_dim=head_dim,
-                 num_clusters=num_clusters, max_rows=max_rows,
-                 selected_fraction=selected, truncated_heads=truncated,
-                 dense_cudnn_ms=dense_cache[case]["cudnn"],
-                 dense_xla_ms=dense_cache[case].get("xla"))
-      row["lookup_ms"] = timed_ms(lookup_gpu, [(q, c) for q, (_, _, c) in
-                                               zip(qs, contexts)])
-      scores_gpu = jax.jit(functools.partial(
-          pk.centroid_scores, backend="gpu", interpret=_INTERPRET.value))
-      row["scores_ms"] = timed_ms(
-          scores_gpu, [(q, c, ctx.counts) for q, (_, _, c) in
-                       zip(qs, contexts)])
-      select = jax.jit(functools.partial(
-          pk.select_clusters, max_rows=max_rows, threshold=tau))
-      row["select_ms"] = timed_ms(
-          select, [(s, ctx.counts, ctx.offsets) for s in
-                   (ref_scores, ref_scores + 0)])
-      row["lookup_xla_ms"] = timed_ms(lookup_xla, [(q, c) for q, (_, _, c) in
-                                                   zip(qs, contexts)])
-      row["sparse_ms"] = timed_ms(
-          sparse, [(q, k, v, s) for q, (k, v, _), s in
-                   zip(qs, contexts, sels)])
-      row["total_ms"] = timed_ms(full_jit, [(q, *c) for q, c in
-                                            zip(qs, contexts)])
-      row["total_bf16_centroids_ms"] = timed_ms(
-          full_jit, [(q, k, v, c.astype(jnp.bfloat16)) for q, (k, v, c) in
-                     zip(qs, contexts)])
-      kv_bytes = float(np.asarray(sels[0].num_rows).sum()) * 2 * head_dim * 2
-      row["sparse_gbs"] = kv_bytes / (row["sparse_ms"] * 1e-3) / 1e9
-      row["sparse_fraction_of_copy_bw"] = row["sparse_gbs"] / copy_gbs
-      row["lookup_share"] = row["lookup_ms"] / row["total_ms"]
-      for impl in ("cudnn", "xla"):
-        dense_ms = dense_cache[case].get(impl)
-        for key in ("total", "total_bf16_centroids"):
-          row[f"speedup_{key}_vs_{impl}"] = (
-              dense_ms / row[f"{key}_ms"] if dense_ms else None)
-      print("case", json.dumps(row), flush=True)
+  def fused_fn(self, thresholds: dict, hierarchical: bool,
+               window: bool = True, block_sizes=None):
+    """jit(q, keys, values, centroids, coarse centroids) of the fused path."""
+    ctx, coarse = self.ctx, self.coarse
+
+    def step(q, keys, values, centroids, coarse_centroids):
+      levels = {}
+      tau = thresholds["tau"]
+      if hierarchical:
+        levels = dict(coarse_centroids=coarse_centroids,
+                      coarse_counts=coarse.counts,
+                      coarse_offsets=coarse.offsets,
+                      coarse_threshold=thresholds["coarse_tau"])
+        tau = thresholds["fine_tau"]
+      out, lse, kept = pk.squeezed_decode_attention(
+          q, keys, values, centroids, ctx.counts, ctx.offsets, threshold=tau,
+          window_keys=self.window[0] if window else None,
+          window_values=self.window[1] if window else None, backend="gpu",
+          block_sizes=block_sizes, interpret=_INTERPRET.value, **levels)
+      return out, lse, kept.num_rows
+
+    return jax.jit(step)
+
+  def fused_inputs(self, qs, dtype) -> list[tuple]:
+    return [(q, k, v, c.astype(dtype), cc.astype(dtype))
+            for q, (k, v, c, cc) in zip(qs, self.contexts)]
+
+
+def time_dense(setup: Setup, qs: list[jax.Array]) -> dict:
+  """Dense attention over all S keys of the fixed context."""
+  result = {}
+  for impl in ["cudnn"] + (["xla"] if _DENSE_XLA.value else []):
+    fn = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+        q.reshape(1, -1, *q.shape[-2:]), k, v, implementation=impl))
+    try:
+      result[impl] = timed_ms(fn, [(q, *kv) for q, kv in
+                                   zip(qs, setup.dense_kv())])
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"dense {impl} failed: {type(e).__name__}: {str(e)[:200]}",
+            flush=True)
+      result[impl] = None
+  return result
+
+
+def run_case(setup: Setup, case: str, budget: float, dense: dict,
+             copy_gbs: float, decode_tiles: pk.DecodeBlockSizes) -> dict:
+  """All timings of one (S, case, budget); fused paths with `decode_tiles`."""
+  ctx, num_keys, head_dim = setup.ctx, setup.num_keys, _HEAD_DIM.value
+  batch, tokens = parse_case(case)
+  qs = setup.queries(case)
+  thresholds = setup.thresholds(qs[0], budget)
+  tau = thresholds["tau"]
+  probe = selection_lib.select_clusters(thresholds["scores"], ctx.counts,
+                                        ctx.offsets, max_rows=num_keys,
+                                        threshold=tau)
+  most = int(probe.num_rows.max())
+  max_rows = -(-max(most, int(1.25 * budget * num_keys)) // 512) * 512
+
+  def lookup(q, centroids):
+    scores = pk.centroid_scores(q, centroids, ctx.counts, backend="gpu",
+                                interpret=_INTERPRET.value)
+    return pk.select_clusters(scores, ctx.counts, ctx.offsets,
+                              max_rows=max_rows, threshold=tau)
+
+  def row_list_total(q, keys, values, centroids, _):
+    out, lse, _ = pk.squeezed_lookup_attention(
+        q, keys, values, centroids, ctx.counts, ctx.offsets,
+        max_rows=max_rows, threshold=tau, window_keys=setup.window[0],
+        window_values=setup.window[1], backend="gpu",
+        interpret=_INTERPRET.value)
+    return out, lse
+
+  lookup_jit = jax.jit(lookup)
+  sels = [lookup_jit(q, c) for q, (_, _, c, _) in zip(qs, setup.contexts)]
+  row = dict(seq_len=setup.seq_len, budget=budget, case=case, batch=batch,
+             tokens=tokens, num_kv_heads=_NUM_KV_HEADS.value,
+             num_heads=_NUM_HEADS.value, head_dim=head_dim,
+             num_clusters=setup.num_clusters, max_rows=max_rows,
+             selected_fraction=float(np.mean(np.asarray(sels[0].num_rows)))
+             / num_keys,
+             truncated_heads=int((np.asarray(sels[0].num_rows)
+                                  >= max_rows).sum()),
+             dense_cudnn_ms=dense.get("cudnn"), dense_xla_ms=dense.get("xla"))
+  f32_inputs = setup.fused_inputs(qs, jnp.float32)
+  bf16_inputs = setup.fused_inputs(qs, jnp.bfloat16)
+  row["lookup_ms"] = timed_ms(lookup_jit, [(q, c) for q, _, _, c, _ in
+                                           f32_inputs])
+  row["scores_ms"] = timed_ms(
+      jax.jit(functools.partial(pk.centroid_scores, backend="gpu",
+                                interpret=_INTERPRET.value)),
+      [(q, c, ctx.counts) for q, _, _, c, _ in f32_inputs])
+  row["sparse_ms"] = timed_ms(
+      jax.jit(functools.partial(pk.sparse_attention, backend="gpu",
+                                interpret=_INTERPRET.value)),
+      [(q, k, v, s) for (q, k, v, _, _), s in zip(f32_inputs, sels)])
+  total = jax.jit(row_list_total)
+  row["total_ms"] = timed_ms(total, f32_inputs)
+  row["total_bf16_centroids_ms"] = timed_ms(total, bf16_inputs)
+  kv_bytes = float(np.asarray(sels[0].num_rows).sum()) * 2 * head_dim * 2
+  row["sparse_gbs"] = kv_bytes / (row["sparse_ms"] * 1e-3) / 1e9
+  row["sparse_fraction_of_copy_bw"] = row["sparse_gbs"] / copy_gbs
+  if tokens is None:
+    fused = setup.fused_fn(thresholds, hierarchical=False,
+                           block_sizes=decode_tiles)
+    row["fused_ms"] = timed_ms(fused, f32_inputs)
+    row["fused_bf16_centroids_ms"] = timed_ms(fused, bf16_inputs)
+    fused_rows = np.asarray(fused(*bf16_inputs[0])[2])
+    row["fused_selected_fraction"] = float(fused_rows.mean()) / num_keys
+    hierarchical = setup.fused_fn(thresholds, hierarchical=True,
+                                  block_sizes=decode_tiles)
+    row["hierarchical_ms"] = timed_ms(hierarchical, f32_inputs)
+    row["hierarchical_bf16_centroids_ms"] = timed_ms(hierarchical,
+                                                     bf16_inputs)
+    row["hierarchical_selected_fraction"] = float(np.asarray(
+        hierarchical(*bf16_inputs[0])[2]).mean()) / num_keys
+    row["fused_attention_ms"], row["fused_attention_gbs"] = (
+        time_fused_attention(setup, qs, tau, decode_tiles))
+    row["fused_attention_fraction_of_copy_bw"] = (
+        row["fused_attention_gbs"] / copy_gbs)
+  for impl in ("cudnn", "xla"):
+    dense_ms = dense.get(impl)
+    for key in ("total", "total_bf16_centroids", "fused",
+                "fused_bf16_centroids", "hierarchical",
+                "hierarchical_bf16_centroids"):
+      if f"{key}_ms" in row:
+        row[f"speedup_{key}_vs_{impl}"] = (
+            dense_ms / row[f"{key}_ms"] if dense_ms else None)
+  row["lookup_share"] = row["lookup_ms"] / row["total_ms"]
+  print("case", json.dumps(row), flush=True)
+  return row
+
+
+def time_fused_attention(setup: Setup, qs: list[jax.Array], tau: float,
+                         block_sizes: pk.DecodeBlockSizes
+                         ) -> tuple[float, float]:
+  """The fused selection + attention kernel (+ merge) alone, no window.
+
+  Returns (ms, GB/s of the kept K/V rows).
+  """
+  ctx, num_kv_heads = setup.ctx, _NUM_KV_HEADS.value
+  batch, num_heads, _ = qs[0].shape
+  group = num_heads // num_kv_heads
+  scale = 1.0 / math.sqrt(_HEAD_DIM.value)
+  inputs = []
+  for q, (keys, values, centroids, _) in zip(qs, setup.contexts):
+    q_rows = gpu_scores.decode_query_rows(q, num_kv_heads)
+    logits, parts = gpu_scores.single_pass_logits(
+        q_rows, centroids.astype(jnp.bfloat16), ctx.counts,
+        num_q_rows=batch * group, sm_scale=scale,
+        block_sizes=block_sizes.lookup, interpret=_INTERPRET.value)
+    inputs.append((q_rows, logits, parts, keys, values))
+  num_parts = gpu_scores.num_single_pass_splits(setup.num_clusters,
+                                                block_sizes.lookup)
+  fn = jax.jit(lambda q_rows, logits, parts, keys, values: (
+      gpu_decode.fused_selection_attention(
+          q_rows, logits, parts, num_parts, keys, values, ctx.counts,
+          ctx.offsets, tau, batch=batch, group=group, window_keys=None,
+          window_values=None, sm_scale=scale, block_sizes=block_sizes,
+          interpret=_INTERPRET.value)))
+  ms = timed_ms(fn, inputs)
+  rows = float(np.asarray(fn(*inputs[0])[3]).sum())
+  return ms, rows * 2 * _HEAD_DIM.value * 2 / (ms * 1e-3) / 1e9
+
+
+def profile(setup: Setup, budget: float,
+            decode_tiles: pk.DecodeBlockSizes) -> list[dict]:
+  """GPU kernels per call of the decode and prefill paths."""
+  ctx = setup.ctx
+  results = []
+  for case in ("decode1", "decode8", "prefill2048"):
+    if case not in _CASES.value:
+      continue
+    qs = setup.queries(case)
+    thresholds = setup.thresholds(qs[0], budget)
+    max_rows = -(-int(1.25 * budget * setup.num_keys) // 512) * 512
+    bf16_inputs = setup.fused_inputs(qs, jnp.bfloat16)
+    variants = {"row list": jax.jit(
+        lambda q, k, v, c, _: pk.squeezed_lookup_attention(
+            q, k, v, c, ctx.counts, ctx.offsets, max_rows=max_rows,
+            threshold=thresholds["tau"], window_keys=setup.window[0],
+            window_values=setup.window[1], backend="gpu",
+            interpret=_INTERPRET.value)[:2])}
+    if case.startswith("decode"):
+      variants["fused"] = setup.fused_fn(thresholds, hierarchical=False,
+                                         block_sizes=decode_tiles)
+      variants["fused hierarchical"] = setup.fused_fn(
+          thresholds, hierarchical=True, block_sizes=decode_tiles)
+    for name, fn in variants.items():
+      try:
+        kernels = gpu_kernels(fn, bf16_inputs)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"profile {case} {name} failed: {str(e)[:200]}", flush=True)
+        continue
+      row = dict(case=case, variant=name, **kernels)
+      print("profile", json.dumps(row), flush=True)
       results.append(row)
   return results
 
 
-def sweep(copy_gbs: float) -> list[dict]:
-  """Times tile variants and the selection's steps (tuning, not the report)."""
-  seq_len, budget = int(_SEQ_LENS.value[-1]), float(_BUDGETS.value[0])
-  num_kv_heads, head_dim = _NUM_KV_HEADS.value, _HEAD_DIM.value
-  num_keys = seq_len - _WINDOW.value
-  num_clusters = math.ceil(_PERCENT_CLUSTERS.value / 100 * num_keys)
-  ctx = synthetic.clustered_context(
-      jax.random.key(seq_len), num_kv_heads=num_kv_heads, num_keys=num_keys,
-      num_clusters=num_clusters, head_dim=head_dim)
-  contexts = [(ctx.keys, ctx.values, ctx.centroids),
-              (ctx.values, ctx.keys, -ctx.centroids)]
-  lookup_tiles = {
-      "decode": [(64, 64, 4, 1), (64, 128, 4, 1), (64, 128, 4, 2),
-                 (64, 128, 8, 1), (64, 256, 8, 1), (64, 32, 4, 1)],
-      "prefill": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2),
-                  (128, 128, 8, 2), (128, 128, 4, 2), (64, 64, 4, 3)]}
-  attention_tiles = {
-      "decode": [(16, 64, 512, 4, 3), (16, 64, 256, 4, 3),
-                 (16, 128, 512, 4, 3), (16, 128, 1024, 8, 3),
-                 (16, 32, 256, 4, 4), (16, 64, 512, 4, 4),
-                 (16, 64, 1024, 4, 2)],
-      "prefill": [(128, 64, None, 8, 2), (128, 128, None, 8, 2),
-                  (64, 64, None, 4, 3), (128, 64, None, 8, 3),
-                  (128, 32, None, 4, 3), (64, 128, None, 4, 2)]}
+def sweep(setup: Setup, budget: float) -> list[dict]:
+  """Times tile variants (tuning, not the report).
+
+  Rows of flat fused decode variants carry their `DecodeBlockSizes` under
+  "tiles" (dropped from the JSON report).
+  """
+  ctx = setup.ctx
   rows = []
 
-  def record(case, name, ms_fn, **extra):
+  def record(case, name, ms_fn, tiles=None):
     try:
       ms = ms_fn()
     except Exception as e:  # pylint: disable=broad-except
-      print(f"sweep {case} {name} failed: {str(e)[:150]}", flush=True)
+      print(f"sweep {case} {name} failed: {str(e)[:300]}", flush=True)
       return
-    row = dict(case=case, variant=name, ms=ms,
-               **{k: f(ms) for k, f in extra.items()})
+    row = dict(case=case, variant=name, ms=ms)
     print("sweep", json.dumps(row), flush=True)
-    rows.append(row)
+    rows.append(dict(row, tiles=tiles))
 
-  for case in ("decode1", "decode8", "prefill2048"):
-    batch, tokens = parse_case(case)
-    kind = "decode" if tokens is None else "prefill"
-    q_shape = ((batch, _NUM_HEADS.value, head_dim) if tokens is None
-               else (batch, tokens, _NUM_HEADS.value, head_dim))
-    qs = [jax.random.normal(jax.random.key(i), q_shape, jnp.bfloat16)
-          for i in range(2)]
-    q_sets = [(q, c, ctx.counts) for q, (_, _, c) in zip(qs, contexts)]
-    record(case, "scores xla f32", lambda: timed_ms(
-        jax.jit(functools.partial(pk.centroid_scores, backend="xla")), q_sets))
-    record(case, "scores xla bf16", lambda: timed_ms(
-        jax.jit(functools.partial(pk.centroid_scores, backend="xla")),
-        [(q, c.astype(jnp.bfloat16), n) for q, c, n in q_sets]))
-    for bm, bk, warps, stages in lookup_tiles[kind]:
-      tiles = pk.LookupBlockSizes(block_m=bm, block_k=bk, num_warps=warps,
-                                  num_stages=stages)
+  lookup = pk.LookupBlockSizes
+  tiles = pk.DecodeBlockSizes
+  variants = [  # (hierarchical, tiles)
+      (False, tiles()), (False, tiles(block_clusters=256)),
+      (False, tiles(block_clusters=256, block_rows=32)),
+      (False, tiles(num_stages=2)), (False, tiles(num_stages=4)),
+      (False, tiles(lookup=lookup(block_k=64))), (True, tiles()),
+  ]
+  for case in ("decode1", "decode8"):
+    if case not in _SWEEP_CASES.value:
+      continue
+    qs = setup.queries(case)
+    thresholds = setup.thresholds(qs[0], budget)
+    inputs = setup.fused_inputs(qs, jnp.bfloat16)
+    for hierarchical, block_sizes in variants:
+      fn = setup.fused_fn(thresholds, hierarchical, block_sizes=block_sizes)
+      record(case, f"{'hierarchical' if hierarchical else 'fused'} "
+             f"{block_sizes}", functools.partial(timed_ms, fn, inputs),
+             tiles=None if hierarchical else block_sizes)
+  if "prefill2048" in _SWEEP_CASES.value:
+    qs = setup.queries("prefill2048")
+    thresholds = setup.thresholds(qs[0], budget)
+    q_sets = [(q, c, ctx.counts) for q, (_, _, c, _) in
+              zip(qs, setup.contexts)]
+    for bm, bk, warps, stages in [(64, 128, 4, 2), (128, 128, 8, 2),
+                                  (64, 64, 4, 2), (128, 64, 8, 3)]:
+      tiles = lookup(block_m=bm, block_k=bk, num_warps=warps,
+                     num_stages=stages)
       fn = jax.jit(functools.partial(pk.centroid_scores, backend="gpu",
                                      interpret=_INTERPRET.value,
                                      block_sizes=tiles))
-      record(case, f"scores gpu {bm}x{bk} w{warps} s{stages}",
+      record("prefill2048", f"scores {tiles}",
              functools.partial(timed_ms, fn, q_sets))
-    scores = jax.jit(references.centroid_scores)(qs[0], ctx.centroids,
-                                                 ctx.counts)
-    tau = calibrate_threshold(scores, ctx.counts, budget)
-    max_rows = -(-int(1.25 * budget * num_keys) // 512) * 512
-    score_sets = [(scores,), (scores + 0,)]
-    kept = lambda s: jnp.where(s > tau, ctx.counts[None], 0)
-    record(case, "select full", lambda: timed_ms(jax.jit(
-        lambda s: pk.select_clusters(s, ctx.counts, ctx.offsets,
-                                     max_rows=max_rows, threshold=tau)),
-                                         score_sets))
-    record(case, "select step: keep + cumsum over K", lambda: timed_ms(
-        jax.jit(lambda s: jnp.cumsum(kept(s), axis=-1)), score_sets))
-    record(case, "select step: cumsum over R", lambda: timed_ms(
-        jax.jit(lambda s: jnp.cumsum(jnp.broadcast_to(
-            kept(s)[..., :1], (*s.shape[:2], max_rows)), axis=-1)),
-        score_sets))
-    slots = lambda s: jnp.cumsum(kept(s), axis=-1).reshape(-1, num_clusters)
-    record(case, "select step: keep + cumsum K + scatter", lambda: timed_ms(
-        jax.jit(lambda s: jax.vmap(
-            lambda i, v: jnp.zeros(max_rows, jnp.int32).at[i].add(
-                v, mode="drop"))(slots(s), slots(s))), score_sets))
-
-    sel = pk.select_clusters(scores, ctx.counts, ctx.offsets,
-                             max_rows=max_rows, threshold=tau)
-    kv_bytes = float(np.asarray(sel.num_rows).sum()) * 2 * head_dim * 2
-    sel_sets = [(q, k, v, sel) for q, (k, v, _) in zip(qs, contexts)]
-    for bm, br, sr, warps, stages in attention_tiles[kind]:
-      tiles = pk.AttentionBlockSizes(block_m=bm, block_rows=br, split_rows=sr,
-                                     num_warps=warps, num_stages=stages)
+    max_rows = -(-int(1.25 * budget * setup.num_keys) // 512) * 512
+    sel = pk.select_clusters(thresholds["scores"], ctx.counts, ctx.offsets,
+                             max_rows=max_rows, threshold=thresholds["tau"])
+    sel_sets = [(q, k, v, sel) for q, (k, v, _, _) in zip(qs, setup.contexts)]
+    for bm, br, warps, stages in [(128, 128, 8, 2), (128, 64, 8, 3),
+                                  (128, 128, 8, 3)]:
+      tiles = pk.AttentionBlockSizes(block_m=bm, block_rows=br,
+                                     split_rows=None, num_warps=warps,
+                                     num_stages=stages)
       fn = jax.jit(functools.partial(pk.sparse_attention, backend="gpu",
                                      interpret=_INTERPRET.value,
                                      block_sizes=tiles))
-      record(case, f"sparse {bm}x{br} split {sr} w{warps} s{stages}",
-             functools.partial(timed_ms, fn, sel_sets),
-             fraction_of_copy_bw=lambda ms: kv_bytes / (ms * 1e-3) / 1e9
-             / copy_gbs)
+      record("prefill2048", f"sparse {tiles}",
+             functools.partial(timed_ms, fn, sel_sets))
   return rows
 
 
 def summary_table(rows: list[dict]) -> str:
-  """A markdown table of the results."""
-  header = ("| S | budget | case | sel. | dense cuDNN ms | dense XLA ms | "
-            "lookup ms [scores, select] (XLA lookup) | sparse ms | "
-            "total ms (bf16 C) | x cuDNN (bf16 C) | x XLA | lookup share | "
-            "sparse GB/s (% copy) |")
-  lines = [header, "|" + "---|" * 13]
+  """Markdown tables of the results (row-list path; fused decode path)."""
   fmt = lambda x, f="{:.3f}": "n/a" if x is None else f.format(x)
+  lines = ["| S | budget | case | sel. | dense cuDNN ms | dense XLA ms | "
+           "lookup ms [scores] | sparse ms | total ms (bf16 C) | "
+           "x cuDNN (bf16 C) | x XLA | sparse GB/s (% copy) |",
+           "|" + "---|" * 12]
   for r in rows:
     lines.append(
         f"| {r['seq_len']} | {r['budget']} | {r['case']} | "
         f"{r['selected_fraction']:.3f} | {fmt(r['dense_cudnn_ms'])} | "
         f"{fmt(r['dense_xla_ms'])} | {r['lookup_ms']:.3f} "
-        f"[{r['scores_ms']:.3f}, {r['select_ms']:.3f}] "
-        f"({r['lookup_xla_ms']:.3f}) | {r['sparse_ms']:.3f} | "
+        f"[{r['scores_ms']:.3f}] | {r['sparse_ms']:.3f} | "
         f"{r['total_ms']:.3f} ({r['total_bf16_centroids_ms']:.3f}) | "
-        f"{fmt(r['speedup_total_vs_cudnn'], '{:.2f}')} "
-        f"({fmt(r['speedup_total_bf16_centroids_vs_cudnn'], '{:.2f}')}) | "
-        f"{fmt(r['speedup_total_vs_xla'], '{:.2f}')} | "
-        f"{r['lookup_share']:.2f} | {r['sparse_gbs']:.0f} "
-        f"({100 * r['sparse_fraction_of_copy_bw']:.0f}%) |")
+        f"{fmt(r.get('speedup_total_vs_cudnn'), '{:.2f}')} "
+        f"({fmt(r.get('speedup_total_bf16_centroids_vs_cudnn'), '{:.2f}')})"
+        f" | {fmt(r.get('speedup_total_vs_xla'), '{:.2f}')} | "
+        f"{r['sparse_gbs']:.0f} ({100 * r['sparse_fraction_of_copy_bw']:.0f}%)"
+        " |")
+  lines += ["", "| S | budget | case | sel. flat / hier. | fused ms (bf16 C) | "
+            "x cuDNN (bf16 C) | hierarchical ms (bf16 C) | x cuDNN (bf16 C) | "
+            "fused kernel alone ms, GB/s (% copy) |", "|" + "---|" * 9]
+  for r in rows:
+    if "fused_ms" not in r:
+      continue
+    hierarchical_bf16_speedup = r.get(
+        "speedup_hierarchical_bf16_centroids_vs_cudnn")
+    lines.append(
+        f"| {r['seq_len']} | {r['budget']} | {r['case']} | "
+        f"{r['fused_selected_fraction']:.3f} / "
+        f"{r['hierarchical_selected_fraction']:.3f} | {r['fused_ms']:.3f} "
+        f"({r['fused_bf16_centroids_ms']:.3f}) | "
+        f"{fmt(r.get('speedup_fused_vs_cudnn'), '{:.2f}')} "
+        f"({fmt(r.get('speedup_fused_bf16_centroids_vs_cudnn'), '{:.2f}')}) "
+        f"| {r['hierarchical_ms']:.3f} "
+        f"({r['hierarchical_bf16_centroids_ms']:.3f}) | "
+        f"{fmt(r.get('speedup_hierarchical_vs_cudnn'), '{:.2f}')} ("
+        f"{fmt(hierarchical_bf16_speedup, '{:.2f}')}) | "
+        f"{r['fused_attention_ms']:.3f}, "
+        f"{r['fused_attention_gbs']:.0f} "
+        f"({100 * r['fused_attention_fraction_of_copy_bw']:.0f}%) |")
   return "\n".join(lines)
 
 
@@ -400,27 +631,59 @@ def main(argv):
   del argv
   print(jax.__version__, jax.devices(), flush=True)
   report = {"jax": jax.__version__, "device": str(jax.devices()[0])}
+
+  def save():
+    if _OUT.value:
+      with open(_OUT.value, "w") as f:
+        json.dump(report, f, indent=1)
+
   if _CHECK.value:
     report["check"] = check_kernels()
+    save()
   report["copy_gbs"] = copy_bandwidth()
   print(f"copy bandwidth {report['copy_gbs']:.0f} GB/s", flush=True)
   tiny = [(jnp.full((8, 128), float(i)),) for i in range(2)]
   report["dispatch_floor_ms"] = timed_ms(jax.jit(lambda x: x + 1), tiny)
   print(f"one-kernel call floor {report['dispatch_floor_ms']:.4f} ms",
         flush=True)
-  if _SWEEP.value:
-    report["sweep"] = sweep(report["copy_gbs"])
-    if _OUT.value:
-      with open(_OUT.value, "w") as f:
-        json.dump(report, f, indent=1)
+  budget = float(_BUDGETS.value[0])
+  decode_tiles = pk.DecodeBlockSizes()
+  if _PROFILE.value or _SWEEP.value:
+    setup = Setup(int(_SEQ_LENS.value[-1]))
+    if _SWEEP.value:
+      rows = sweep(setup, budget)
+      tuned = [r for r in rows if r["tiles"] and r["case"] == "decode1"]
+      if _TUNE.value and tuned:
+        decode_tiles = min(tuned, key=lambda r: r["ms"])["tiles"]
+        report["tuned_decode_tiles"] = str(decode_tiles)
+        print(f"tuned decode tiles {decode_tiles}", flush=True)
+      report["sweep"] = [{k: v for k, v in r.items() if k != "tiles"}
+                         for r in rows]
+      save()
+    if _PROFILE.value:
+      report["profile"] = profile(setup, budget, decode_tiles)
+      save()
+    del setup
+  if not _RUN_CASES.value:
     return
   report["cases"] = []
   for seq_len in map(int, _SEQ_LENS.value):
-    report["cases"] += run_seq_len(seq_len, report["copy_gbs"])
-    if _OUT.value:
-      with open(_OUT.value, "w") as f:
-        json.dump(report, f, indent=1)
+    setup = Setup(seq_len)
+    for case in _CASES.value:
+      qs = setup.queries(case)
+      dense = time_dense(setup, qs)
+      for case_budget in map(float, _BUDGETS.value):
+        try:
+          report["cases"].append(run_case(setup, case, case_budget, dense,
+                                          report["copy_gbs"], decode_tiles))
+        except Exception as e:  # pylint: disable=broad-except
+          print(f"case {seq_len} {case} {case_budget} failed: "
+                f"{type(e).__name__}: {str(e)[:300]}", flush=True)
+        save()
+    del setup
   print(summary_table(report["cases"]), flush=True)
+  if _OUT.value:
+    print(f"wrote the results to {os.path.abspath(_OUT.value)}", flush=True)
 
 
 if __name__ == "__main__":

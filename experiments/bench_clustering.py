@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import time
 from typing import Any
@@ -128,12 +129,15 @@ def _gib(num_bytes: int | None) -> float | None:
 
 def main(argv: list[str]) -> None:
   del argv
-  for seq_len in map(int, _SEQ_LENS.value):
+  seq_lens = list(map(int, _SEQ_LENS.value))
+  for seq_len in seq_lens:
     line = json.dumps(bench_case(seq_len))
     print(line, flush=True)
     if _OUTPUT_JSON.value:
       with open(_OUTPUT_JSON.value, "a") as f:
         f.write(line + "\n")
+  if _OUTPUT_JSON.value:
+    print(f"appended {len(seq_lens)} JSON lines to {os.path.abspath(_OUTPUT_JSON.value)}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 A LLaMA-2-7B-shaped model with random bf16 weights (shapes are what matter for speed) and a
 synthetic clustered fixed context (`pallas_kernels.synthetic`: realistic cluster sizes) of S tokens;
-per case: a batch of B random questions of `question_tokens` tokens, answered with `new_tokens`
-greedy tokens (no stop token). Decode tokens/s = B * (N - 1) / (t(N) - t(1)), with t(n) the
-wall time of one `generate` call producing n tokens, after a compile run of the same call.
+per case: a batch of B random questions of `question_tokens` tokens, answered with N =
+`new_tokens` greedy tokens (no stop token). Decode tokens/s = B * (N - n) / (t(N) - t(n)), with
+t(n) the wall time of one `generate` call producing n = N // 2 + 1 tokens (one compiled program
+serves both: the decode loop's length is traced), after a first (compiling) call; the prefill
+and first token take t(N) - (N - 1) / (decode tokens/s per sequence).
 
   python -m experiments.bench_generate --seq_lens=32768 --batch_sizes=1,8 --output_json=out.jsonl
 """
@@ -12,6 +14,7 @@ wall time of one `generate` call producing n tokens, after a compile run of the 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jax
@@ -23,9 +26,11 @@ from flax import nnx
 from experiments.cli import launcher
 from models.llama import PRESETS, Llama
 from pallas_kernels import synthetic
+from squeezed_jax import online
+from squeezed_jax.attention_methods import OnlineAttention, context_attention
+from squeezed_jax.context_layers import split_layers
 from squeezed_jax.fixed_context import ContextConfig, FixedContext
 from squeezed_jax.key_clustering import ClusteredKeys, num_clusters_for
-from squeezed_jax.online import generate
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768"], "Fixed-context lengths S.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Questions answered together.")
@@ -37,6 +42,10 @@ _NUM_LAYERS = flags.DEFINE_integer("num_layers", 32, "Layers (32 = LLaMA-2-7B)."
 _HIDDEN = flags.DEFINE_integer("hidden_size", 4096, "Model width (4096 = LLaMA-2-7B).")
 _WINDOW = flags.DEFINE_integer("window", 100, "Observation window W.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Append one JSON line per case here.")
+_BREAKDOWN = flags.DEFINE_bool(
+    "step_breakdown", False,
+    "Also time, per case, one decode step of the whole model outside the decode loop, and one "
+    "layer's fixed-context attention alone, to locate per-token overhead.")
 
 
 def _model(max_positions: int) -> Llama:
@@ -57,16 +66,19 @@ def _synthetic_context(model: Llama, num_tokens: int) -> FixedContext:
                                         num_keys=clustered, num_clusters=num_clusters,
                                         head_dim=config.head_dim)
             for layer in range(config.num_layers)]
-  stack = lambda name: jnp.stack([getattr(layer, name) for layer in layers])
+  per_layer = lambda name: tuple(getattr(layer, name) for layer in layers)
+  stack = lambda name: jnp.stack(per_layer(name))
   counts = stack("counts")
   labels = jax.vmap(jax.vmap(lambda c: jnp.repeat(jnp.arange(num_clusters), c,
                                                   total_repeat_length=clustered)))(counts)
-  window_shape = (config.num_layers, config.num_kv_heads, _WINDOW.value, config.head_dim)
+  window = lambda seed: tuple(
+      jax.random.normal(jax.random.key(seed + layer), (config.num_kv_heads, _WINDOW.value,
+                                                       config.head_dim), jnp.bfloat16)
+      for layer in range(config.num_layers))
   percentiles = ContextConfig().percentiles
   return FixedContext(
-      keys=stack("keys"), values=stack("values"),
-      window_keys=jax.random.normal(jax.random.key(1), window_shape, jnp.bfloat16),
-      window_values=jax.random.normal(jax.random.key(2), window_shape, jnp.bfloat16),
+      keys=per_layer("keys"), values=per_layer("values"),
+      window_keys=window(10_000), window_values=window(20_000),
       clusters=ClusteredKeys(stack("centroids"), counts, stack("offsets"),
                              jnp.broadcast_to(jnp.arange(clustered, dtype=jnp.int32),
                                               labels.shape), labels.astype(jnp.int32)),
@@ -76,8 +88,39 @@ def _synthetic_context(model: Llama, num_tokens: int) -> FixedContext:
       config=ContextConfig(observation_window=_WINDOW.value), model_config=config)
 
 
+def _median_ms(fn, *args, repeats: int = 20) -> float:
+  """Median wall time of fn(*args) in ms, after a compiling call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return round(1e3 * float(np.median(times)), 3)
+
+
+def _step_breakdown(model: Llama, ctx: FixedContext, batch: int, method: str,
+                    budget: float | None) -> dict[str, float]:
+  """Times one decode step of the model (no loop) and one layer's fixed-context attention."""
+  config, threshold, coarse = online.resolve_method(ctx, method, kv_budget=budget)
+  layers = split_layers(ctx, threshold=threshold, coarse_threshold=coarse)
+  lengths = jnp.full((batch,), _QUESTION_TOKENS.value, jnp.int32)
+  caches = online.init_caches(layers, lengths, _QUESTION_TOKENS.value + 64, model.config.dtype)
+  attention = OnlineAttention(config)
+  graphdef, state = nnx.split(model)
+  tokens = jnp.ones((batch, 1), jnp.int32)
+  positions = jnp.full((batch, 1), ctx.num_tokens + _QUESTION_TOKENS.value, jnp.int32)
+  step = lambda: online.forward(graphdef, state, layers, tokens, positions, caches, attention)
+  head_dim = model.config.head_dim
+  q = jax.random.normal(jax.random.key(0), (batch, 1, model.config.num_heads, head_dim),
+                        model.config.dtype)
+  query_mask = jnp.ones((batch, 1), bool)
+  layer_attention = jax.jit(lambda q, layer: context_attention(config, q, layer, query_mask)[:2])
+  return {"model_step_ms": _median_ms(step),
+          "layer_context_attention_ms": _median_ms(layer_attention, q, layers[0])}
+
+
 def _seconds(fn) -> float:
-  fn()  # compile and warm up
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
@@ -86,29 +129,42 @@ def _seconds(fn) -> float:
 @launcher
 def main(argv):
   del argv
+  new_tokens = _NEW_TOKENS.value
+  # Both runs use one compiled program (the decode loop's width is new_tokens rounded up to 64).
+  half = new_tokens // 2 + 1
+  if new_tokens < 3 or -(-half // 64) != -(-new_tokens // 64):
+    raise ValueError(f"{new_tokens=} must be >= 3, with new_tokens // 2 + 1 in the same multiple "
+                     "of 64 (e.g. 128)")
   for num_tokens in map(int, _SEQ_LENS.value):
-    model = _model(num_tokens + _QUESTION_TOKENS.value + _NEW_TOKENS.value + 64)
+    model = _model(num_tokens + _QUESTION_TOKENS.value + new_tokens + 64)
     ctx = _synthetic_context(model, num_tokens)
     methods = [("dense", None)] + [("squeezed", float(b)) for b in _BUDGETS.value]
     for batch in map(int, _BATCH_SIZES.value):
       questions = np.random.default_rng(batch).integers(
           3, model.config.vocab_size, (batch, _QUESTION_TOKENS.value)).tolist()
       for method, budget in methods:
-        run = lambda n: generate(model, ctx, questions, method=method, kv_budget=budget,
+        run = lambda n: online.generate(model, ctx, questions, method=method, kv_budget=budget,
                                  max_new_tokens=n, stop_tokens=[])
-        first = _seconds(lambda: run(1))
-        answer = _seconds(lambda: run(_NEW_TOKENS.value))
+        compile_s = _seconds(lambda: run(new_tokens))
+        partial = _seconds(lambda: run(half))
+        answer = _seconds(lambda: run(new_tokens))
+        per_token = (answer - partial) / (new_tokens - half)
         result = {
             "seq_len": num_tokens, "batch": batch, "method": method, "kv_budget": budget,
-            "question_tokens": _QUESTION_TOKENS.value, "new_tokens": _NEW_TOKENS.value,
-            "time_to_first_token_s": round(first, 4), "time_to_answer_s": round(answer, 4),
-            "decode_tokens_per_s": round(batch * (_NEW_TOKENS.value - 1) / (answer - first), 1),
-            "device": jax.devices()[0].device_kind,
+            "num_layers": model.config.num_layers, "question_tokens": _QUESTION_TOKENS.value,
+            "new_tokens": new_tokens, "time_to_answer_s": round(answer, 4),
+            "prefill_and_first_token_s": round(answer - (new_tokens - 1) * per_token, 4),
+            "decode_tokens_per_s": round(batch / per_token, 1),
+            "first_call_s": round(compile_s, 2), "device": jax.devices()[0].device_kind,
         }
+        if _BREAKDOWN.value:
+          result.update(_step_breakdown(model, ctx, batch, method, budget))
         print(json.dumps(result), flush=True)
         if _OUTPUT_JSON.value:
           with open(_OUTPUT_JSON.value, "a") as f:
             f.write(json.dumps(result) + "\n")
+  if _OUTPUT_JSON.value:
+    print(f"appended the results to {os.path.abspath(_OUTPUT_JSON.value)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ and save the artifact with orbax.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from absl import app, flags
@@ -81,7 +82,7 @@ def main(argv):
       "seconds": round(time.perf_counter() - started, 2),
   }
   print(json.dumps(summary))
-  print(f"wrote the fixed context to {_OUTPUT.value}")
+  print(f"wrote the fixed context to {os.path.abspath(_OUTPUT.value)}")
 
 
 if __name__ == "__main__":

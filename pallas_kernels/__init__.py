@@ -11,6 +11,11 @@ layer at a time; K/V have no batch axis):
 * `merge_partials(out1, lse1, out2, lse2)`: exact log-sum-exp merge.
 * `squeezed_lookup_attention(...)`: all of the above, plus the observation
   window, in one call.
+* `squeezed_decode_attention(...)`: one decode step with the threshold
+  selection fused into the attention kernel (flat or hierarchical lookup; no
+  row list, no row cap) -> (out, lse, `KeptClusters`): on the GPU three Pallas
+  kernels (lookup pass, selection + attention, window; four with the
+  hierarchical lookup) and XLA's merge of their partials.
 
 `backend=None` picks from `jax.default_backend()`: "gpu" (Pallas Triton
 kernels) on GPUs, "tpu" (Pallas Mosaic sparse attention over whole K/V blocks;
@@ -23,18 +28,22 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels import queries
 from pallas_kernels import references
 from pallas_kernels import selection as selection_lib
 from pallas_kernels import xla_fallback
 from pallas_kernels.gpu import centroid_scores as gpu_scores
+from pallas_kernels.gpu import decode_attention as gpu_decode
 from pallas_kernels.gpu import sparse_attention as gpu_attention
 from pallas_kernels.tpu import block_selection as tpu_block_selection
 from pallas_kernels.tpu import sparse_attention as tpu_attention
 from pallas_kernels.block_sizes import AttentionBlockSizes
+from pallas_kernels.block_sizes import DecodeBlockSizes
 from pallas_kernels.block_sizes import LookupBlockSizes
 from pallas_kernels.hierarchical import hierarchical_centroid_scores
 from pallas_kernels.merge import merge_partials
 from pallas_kernels.merge import merge_stacked
+from pallas_kernels.selection import KeptClusters
 from pallas_kernels.selection import Selection
 from pallas_kernels.selection import select_clusters
 
@@ -179,3 +188,81 @@ def squeezed_lookup_attention(
                               window_values=window_values, sm_scale=sm_scale,
                               backend=backend, interpret=interpret)
   return out, lse, selection
+
+
+def squeezed_decode_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, centroids: jax.Array,
+    counts: jax.Array, offsets: jax.Array, *, threshold: float | jax.Array,
+    window_keys: jax.Array | None = None,
+    window_values: jax.Array | None = None,
+    coarse_centroids: jax.Array | None = None,
+    coarse_counts: jax.Array | None = None,
+    coarse_offsets: jax.Array | None = None,
+    coarse_threshold: float | jax.Array | None = None,
+    sm_scale: float | None = None, backend: str | None = None,
+    block_sizes: DecodeBlockSizes | None = None,
+    interpret: bool = False) -> tuple[jax.Array, jax.Array, KeptClusters]:
+  """One decode step over the fixed context: lookup, selection, attention.
+
+  Threshold selection only, and every kept cluster is read (no `max_rows`
+  cap, unlike `squeezed_lookup_attention`). With the coarse level given, the
+  lookup is hierarchical (`references.hierarchical_centroid_scores`, every
+  candidate scored: no `max_fine_clusters` cap). On the GPU (B x G <=
+  `block_sizes.lookup.single_pass_max_rows`) the selection runs inside the
+  attention kernel (`gpu/decode_attention.py`); elsewhere it is the
+  row-list path with R = S'.
+
+  Args:
+    q: [B, Hq, D] one token per sequence, post-RoPE.
+    keys, values: [Hkv, S', D] cluster-contiguous clustered part.
+    centroids, counts, offsets: [Hkv, K, D], [Hkv, K], [Hkv, K + 1].
+    threshold: keep fine clusters with sbar > threshold.
+    window_keys, window_values: [Hkv, W, D] observation window, or None.
+    coarse_centroids, coarse_counts, coarse_offsets: [Hkv, Kc, D], [Hkv, Kc],
+      [Hkv, Kc + 1] coarse level, or None (flat lookup).
+    coarse_threshold: keep coarse clusters with sbar > this (hierarchical).
+    sm_scale: softmax scale, 1 / sqrt(D) if None.
+    backend: None (from the platform), "xla", "gpu" or "tpu".
+    block_sizes: GPU tiles (None = defaults).
+    interpret: run the GPU / TPU kernels in the Pallas interpreter.
+
+  Returns:
+    (out [B, Hq, D] in q.dtype, lse [B, Hq] float32, `KeptClusters`).
+  """
+  if not queries.is_decode(q):
+    raise ValueError(f"{q.shape=} must be decode queries [B, Hq, D]")
+  coarse = (coarse_centroids, coarse_counts, coarse_offsets, coarse_threshold)
+  hierarchical = coarse_centroids is not None
+  if any((level is None) == hierarchical for level in coarse):
+    raise ValueError("give all or none of coarse_centroids, coarse_counts, "
+                     "coarse_offsets and coarse_threshold")
+  resolved = resolve_backend(backend)
+  block_sizes = block_sizes or DecodeBlockSizes()
+  query_rows = q.shape[0] * q.shape[1] // keys.shape[0]  # B x G
+  if (resolved == "gpu"
+      and query_rows <= block_sizes.lookup.single_pass_max_rows):
+    out, lse, kept, num_rows, kept_coarse = (
+        gpu_decode.squeezed_decode_attention(
+            q, keys, values, centroids, counts, offsets, threshold,
+            window_keys=window_keys, window_values=window_values,
+            coarse_centroids=coarse_centroids, coarse_counts=coarse_counts,
+            coarse_offsets=coarse_offsets, coarse_threshold=coarse_threshold,
+            sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret))
+    return out, lse, KeptClusters(kept, num_rows, kept_coarse)
+  kept_coarse = None
+  if hierarchical:
+    scores, kept_coarse = hierarchical_centroid_scores(
+        q, centroids, counts, coarse_centroids, coarse_counts, coarse_offsets,
+        coarse_threshold=coarse_threshold,
+        max_fine_clusters=centroids.shape[1], sm_scale=sm_scale)
+  else:
+    scores = centroid_scores(q, centroids, counts, sm_scale=sm_scale,
+                             backend=resolved, interpret=interpret)
+  selection = select_clusters(scores, counts, offsets,
+                              max_rows=keys.shape[1], threshold=threshold)
+  out, lse = sparse_attention(q, keys, values, selection,
+                              window_keys=window_keys,
+                              window_values=window_values, sm_scale=sm_scale,
+                              backend=resolved, interpret=interpret)
+  return out, lse, KeptClusters(selection.clusters, selection.num_rows,
+                                kept_coarse)

@@ -9,6 +9,16 @@ from __future__ import annotations
 import dataclasses
 
 
+def round_up(x: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` >= x."""
+  return -(-x // multiple) * multiple
+
+
+def next_power_of_two(x: int) -> int:
+  """The smallest power of two >= x (Triton tiles are powers of two)."""
+  return 1 << max(x - 1, 0).bit_length()
+
+
 def _check_power_of_two(**sizes: int) -> None:
   for name, size in sizes.items():
     if size <= 0 or size & (size - 1):
@@ -28,6 +38,7 @@ class LookupBlockSizes:
       centroid tile per program: block_m and num_stages ignored) writes the
       logits and the normaliser is finished in XLA;
       otherwise (prefill) two passes recompute the logits.
+    single_pass_tiles: centroid tiles scored per program of the single pass.
     num_warps: warps per program.
     num_stages: software-pipelining depth of the centroid loads.
     two_pass_dot_dtype: operand dtype of the two-pass (prefill) products:
@@ -40,6 +51,7 @@ class LookupBlockSizes:
   block_m: int = 64
   block_k: int = 128
   single_pass_max_rows: int = 64
+  single_pass_tiles: int = 1
   num_warps: int = 4
   num_stages: int = 2
   two_pass_dot_dtype: str | None = "bfloat16"
@@ -48,6 +60,8 @@ class LookupBlockSizes:
     _check_power_of_two(block_m=self.block_m, block_k=self.block_k)
     if self.block_m < 16 or self.block_k < 16:
       raise ValueError(f"{self.block_m=} and {self.block_k=} must be >= 16")
+    if self.single_pass_tiles < 1:
+      raise ValueError(f"{self.single_pass_tiles=} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,4 +106,45 @@ class AttentionBlockSizes:
   def for_prefill(cls) -> AttentionBlockSizes:
     """A chunk of queries: no split, big query tiles."""
     return cls(block_m=128, block_rows=128, split_rows=None, num_warps=8,
-               num_stages=2)
+               num_stages=3)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+  """Tiles of the fused decode path (`gpu/decode_attention.py`).
+
+  Attributes:
+    block_clusters: consecutive clusters per attention program (a chunk); the
+      program compacts the chunk's kept clusters in registers.
+    block_rows: kept (or window) rows gathered per inner-loop step; each step
+      compares its slots with the chunk's clusters ([block_rows,
+      block_clusters] values in registers).
+    window_rows: observation-window rows per window program.
+    num_warps: warps per attention program.
+    num_stages: software-pipelining depth of the attention's gathers.
+    coarse_block: coarse clusters per program of the hierarchical fine
+      lookup (>= 16: their keep flags feed a matrix product).
+    fine_block: fine centroids scored per step of that lookup.
+    lookup: tiles of the single pass over the centroids (fine, or coarse for
+      the hierarchical lookup).
+  """
+
+  block_clusters: int = 128
+  block_rows: int = 64
+  window_rows: int = 512
+  num_warps: int = 4
+  num_stages: int = 3
+  coarse_block: int = 16
+  fine_block: int = 64
+  lookup: LookupBlockSizes = LookupBlockSizes()
+
+  def __post_init__(self):
+    _check_power_of_two(block_clusters=self.block_clusters,
+                        block_rows=self.block_rows,
+                        coarse_block=self.coarse_block,
+                        fine_block=self.fine_block)
+    if min(self.block_rows, self.coarse_block, self.fine_block) < 16:
+      raise ValueError(f"{self.block_rows=}, {self.coarse_block=} and "
+                       f"{self.fine_block=} must be >= 16")
+    if self.window_rows < 1:
+      raise ValueError(f"{self.window_rows=} must be >= 1")

@@ -169,3 +169,29 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array,
                       jnp.exp(logits - lse[..., None]), 0.0)
   out = jnp.einsum("BKGTS,KSD->BKGTD", weights, values.astype(jnp.float32))
   return queries.ungroup(out, lse, queries.is_decode(q), q.dtype)
+
+
+def attention_with_window(
+    q: jax.Array, keys: jax.Array, values: jax.Array, key_mask: jax.Array,
+    window_keys: jax.Array | None = None,
+    window_values: jax.Array | None = None, *,
+    sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """Attention over the selected clustered rows plus the whole window.
+
+  Args:
+    q: [B, Hq, D] or [B, T, Hq, D].
+    keys, values: [Hkv, S', D] clustered part.
+    key_mask: [B, Hkv, S'] bool selected rows.
+    window_keys, window_values: [Hkv, W, D] always attended, or None.
+    sm_scale: softmax scale, 1 / sqrt(D) if None.
+
+  Returns:
+    (out like q, lse [B, (T,) Hq] float32), as `attention`.
+  """
+  if window_keys is not None:
+    keys = jnp.concatenate([keys, window_keys.astype(keys.dtype)], axis=1)
+    values = jnp.concatenate([values, window_values.astype(values.dtype)],
+                             axis=1)
+    window_mask = jnp.ones((*key_mask.shape[:2], window_keys.shape[1]), bool)
+    key_mask = jnp.concatenate([key_mask, window_mask], axis=-1)
+  return attention(q, keys, values, key_mask, sm_scale=sm_scale)

@@ -43,6 +43,23 @@ class Selection:
     return self.rows.shape[-1]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeptClusters:
+  """What a fused decode step selected (no row list, no row cap).
+
+  Attributes:
+    clusters: [B, Hkv, K] bool fine clusters kept (non-empty, sbar > tau).
+    num_rows: [B, Hkv] int32 keys of the kept clusters (all of them read).
+    coarse_clusters: [B, Hkv, Kc] bool coarse clusters kept by the
+      hierarchical lookup, or None for the flat lookup.
+  """
+
+  clusters: jax.Array
+  num_rows: jax.Array
+  coarse_clusters: jax.Array | None = None
+
+
 def compact_ranges(keep: jax.Array, starts: jax.Array, sizes: jax.Array,
                    capacity: int) -> tuple[jax.Array, jax.Array]:
   """Concatenates the kept index ranges into a padded list.

@@ -4,7 +4,8 @@ Each question token attends to (a) the fixed context, through the chosen method,
 question's own tokens and the generated ones, densely and causally; the two partials merge
 exactly by log-sum-exp (`pallas_kernels.merge_partials`). Methods for (a):
 
-  dense                  every fixed-context key.
+  dense                  every fixed-context key (XLA attention or the sparse kernel with every
+                         row selected, whichever is faster for the query shape).
   squeezed               centroid lookup, clusters above tau (or the top clusters within a key
                          budget), sparse attention over their rows (`pallas_kernels`).
   squeezed_hierarchical  coarse lookup above the coarse tau, then only the fine centroids inside
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from models.llama import KVCache, grouped_attention
-from pallas_kernels import queries, references
+from pallas_kernels import queries
 from squeezed_jax import baselines
 from squeezed_jax.context_layers import ContextLayer
 from squeezed_jax.kv_budget import BudgetStats, LookupUsage
@@ -132,11 +133,38 @@ def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   return selection, summary, overflow | (wanted > config.max_rows)
 
 
+def _dense_context_attention(config: MethodConfig, q: jax.Array,
+                             layer: ContextLayer) -> tuple[jax.Array, jax.Array]:
+  """Attention to every fixed-context key, by the faster of two exact paths (H200, 128K):
+
+  * one query per sequence and several sequences (batched decode): XLA attention, which reads
+    the context once for the whole batch (1.7 ms per layer at batch 8, against 4.3 ms below);
+  * otherwise (one query, or question prefill): the sparse kernel with every row selected, the
+    batch's queries folded into one sequence (1.0 ms per layer for one query, against 2.0 ms).
+
+  q: [B, T, Hq, D]. Returns (out [B, T, Hq, D], lse [B, T, Hq] float32).
+  """
+  batch, tokens, num_heads, head_dim = q.shape
+  if tokens == 1 and batch > 1:
+    clustered = baselines.masked_attention(q, layer.keys, layer.values, None)
+    window = baselines.masked_attention(q, layer.window_keys, layer.window_values, None)
+    return pallas_kernels.merge_partials(*clustered, *window)
+  num_kv_heads, num_keys, _ = layer.keys.shape
+  every_row = pallas_kernels.Selection(
+      rows=jnp.broadcast_to(jnp.arange(num_keys, dtype=jnp.int32), (1, num_kv_heads, num_keys)),
+      num_rows=jnp.full((1, num_kv_heads), num_keys, jnp.int32),
+      clusters=jnp.ones((1,) + layer.counts.shape, bool))
+  folded = q.reshape(1, batch * tokens, num_heads, head_dim)
+  out, lse = pallas_kernels.sparse_attention(
+      folded[:, 0] if batch * tokens == 1 else folded,  # one query: the split-K decode kernel
+      layer.keys, layer.values, every_row, window_keys=layer.window_keys,
+      window_values=layer.window_values, backend=config.backend)
+  return out.reshape(q.shape), lse.reshape(batch, tokens, num_heads)
+
+
 def _baseline_mask(config: MethodConfig, q: jax.Array, layer: ContextLayer,
-                   weights: jax.Array) -> tuple[jax.Array | None, int]:
-  """(key mask [B, Hkv, S'] or None for all keys, summary vectors per lookup)."""
-  if config.name == "dense":
-    return None, 0
+                   weights: jax.Array) -> tuple[jax.Array, int]:
+  """(key mask [B, Hkv, S'], summary vectors per lookup) of quest, oracle_topk or streaming."""
   if config.name == "quest":
     mask = baselines.quest_mask(q, layer, weights, page_size=config.page_size,
                                 key_budget=config.key_budget)
@@ -168,18 +196,21 @@ def context_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
       out, lse = out[:, None], lse[:, None]
     rows = selection.num_rows.astype(jnp.float32)
     mask = _rows_mask(selection, layer.num_clustered) if config.measure_mass else None
+  elif config.name == "dense":
+    out, lse = _dense_context_attention(config, q, layer)
+    rows = jnp.full((batch, num_kv_heads), layer.num_clustered, jnp.float32)
+    summary = jnp.zeros((batch, num_kv_heads), jnp.float32)
+    overflow = jnp.zeros((batch, num_kv_heads), bool)
+    mask = (jnp.ones((batch, num_kv_heads, layer.num_clustered), bool) if config.measure_mass
+            else None)
   else:
     mask, num_summary = _baseline_mask(config, q, layer, weights)
-    q32 = q.astype(jnp.float32)  # float32 partials, merged before the cast back
-    clustered = references.attention(q32, layer.keys, layer.values, mask)
-    window = references.attention(q32, layer.window_keys, layer.window_values)
+    clustered = baselines.masked_attention(q, layer.keys, layer.values, mask)
+    window = baselines.masked_attention(q, layer.window_keys, layer.window_values, None)
     out, lse = pallas_kernels.merge_partials(*clustered, *window)
-    rows = (jnp.full((batch, num_kv_heads), layer.num_clustered, jnp.float32) if mask is None
-            else mask.sum(axis=-1).astype(jnp.float32))
+    rows = mask.sum(axis=-1).astype(jnp.float32)
     summary = jnp.full((batch, num_kv_heads), num_summary, jnp.float32)
     overflow = jnp.zeros((batch, num_kv_heads), bool)
-    if mask is None and config.measure_mass:
-      mask = jnp.ones((batch, num_kv_heads, layer.num_clustered), bool)
   mass = _captured_mass(q, layer, mask, weights) if config.measure_mass else None
   return out, lse, LookupUsage(rows=rows, summary_vectors=summary, overflow=overflow, mass=mass)
 
@@ -194,6 +225,11 @@ class OnlineAttention:
 
   config: MethodConfig
 
+  def context_attention(self, q: jax.Array, context: ContextLayer,
+                        query_mask: jax.Array) -> tuple[jax.Array, jax.Array, LookupUsage]:
+    """The fixed-context part (`context_attention`); a subclass may distribute it."""
+    return context_attention(self.config, q, context, query_mask)
+
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                cache: OnlineCache, layer: int) -> tuple[jax.Array, OnlineCache]:
     """q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; positions: [B, T] (>= S) -> out [B, T, Hq, D]."""
@@ -202,7 +238,7 @@ class OnlineAttention:
     slots = positions - context.num_tokens
     kv = cache.kv.write(slots, k, v)
     query_mask = slots < cache.real_until[:, None]
-    context_out, context_lse, usage = context_attention(self.config, q, context, query_mask)
+    context_out, context_lse, usage = self.context_attention(q, context, query_mask)
     causal = jnp.arange(kv.capacity)[None, None, :] <= slots[:, :, None]
     own_out, own_lse = grouped_attention(q, kv.keys, kv.values, causal)
     out, _ = pallas_kernels.merge_partials(context_out.astype(jnp.float32), context_lse,

@@ -11,7 +11,8 @@
 For a block of queries, as in the squeezed lookup, a score is the mean over the block's real
 queries, then the max over the GQA group (`pallas_kernels.references.block_scores`). Every
 selection is a dense key mask in the reordered row order of `ContextLayer.keys` (rows map to
-original positions through `permutation`). These run on XLA (pure jnp).
+original positions through `permutation`). These run on XLA (pure jnp), and so does their
+attention over the masked keys (`masked_attention`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,50 @@ import jax.numpy as jnp
 
 from pallas_kernels import queries, references
 from squeezed_jax.context_layers import ContextLayer
+
+
+# The largest float32 [B, Hq, T_block, S'] logits block `masked_attention` builds.
+LOGITS_BLOCK_BYTES = 1 << 30
+
+
+def masked_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
+                     mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Exact attention of a query block over the keys of `mask`, computed as dense attention is:
+  operands in their dtype (bf16 for a bf16 model), float32 accumulation and softmax.
+
+  q: [B, T, Hq, D]; keys, values: [Hkv, S', D]; mask: [B, Hkv, S'] bool or None (all keys).
+  Returns (out [B, T, Hq, D] float32, lse [B, T, Hq] float32; -inf where no key is attended).
+  The queries are processed in blocks whose logits stay under LOGITS_BLOCK_BYTES, so a long
+  question against a long context does not materialise [B, Hq, T, S'] at once.
+  """
+  batch, tokens, num_heads, head_dim = q.shape
+  num_kv_heads, num_keys, _ = keys.shape
+  scale = head_dim ** -0.5
+  if jax.default_backend() == "cpu":
+    # XLA:CPU has no bf16 x bf16 -> f32 dot; f32 operands give the same exact products there.
+    keys, values = keys.astype(jnp.float32), values.astype(jnp.float32)
+
+  def attend(q_block):
+    grouped = queries.group_heads(q_block.astype(keys.dtype), num_kv_heads)
+    logits = jnp.einsum("BTKGD,KSD->BKGTS", grouped, keys,
+                        preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+      logits = jnp.where(mask[:, :, None, None, :], logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    weights = jnp.where(jnp.isfinite(lse)[..., None], jnp.exp(logits - lse[..., None]), 0.0)
+    out = jnp.einsum("BKGTS,KSD->BKGTD", weights.astype(values.dtype), values,
+                     preferred_element_type=jnp.float32)
+    return queries.ungroup(out, lse, False, jnp.float32)
+
+  block = max(1, min(tokens, LOGITS_BLOCK_BYTES // (4 * batch * num_heads * num_keys)))
+  if block == tokens:
+    return attend(q)
+  num_blocks = -(-tokens // block)
+  padded = jnp.pad(q, ((0, 0), (0, num_blocks * block - tokens), (0, 0), (0, 0)))
+  blocks = padded.reshape(batch, num_blocks, block, num_heads, head_dim).swapaxes(0, 1)
+  out, lse = jax.lax.map(attend, blocks)
+  unblock = lambda x: x.swapaxes(0, 1).reshape(batch, num_blocks * block, *x.shape[3:])[:, :tokens]
+  return unblock(out), unblock(lse)
 
 
 def top_mask(scores: jax.Array, count: int) -> jax.Array:

@@ -2,9 +2,10 @@
 
 The model calls its attention function once per layer with that layer's cache, so every layer
 needs its own [Hkv, ...] arrays. Slicing [L, ...] arrays inside the jitted decode step would hand
-the kernels a fresh slice (a copy, where a custom kernel consumes it) at every step and layer;
-`split_layers` slices once, outside jit (one copy of the fixed context per call, after which the
-[L, ...] original may be dropped), and every question and step then reads the same buffers.
+the kernels a fresh slice (a copy, where a custom kernel consumes it) at every step and layer.
+A `FixedContext` keeps its K/V as one buffer per layer, which the views share (no copy); only the
+small cluster arrays are sliced, once per call, outside jit. Every question and step then reads
+the same buffers.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def page_summaries(keys: jax.Array, permutation: jax.Array,
 def split_layers(ctx: FixedContext, *, threshold: float | jax.Array | None = None,
                  coarse_threshold: float | jax.Array | None = None,
                  page_size: int | None = None) -> tuple[ContextLayer, ...]:
-  """Per-layer views of `ctx` (one slice per array and layer, made once).
+  """Per-layer views of `ctx`: its per-layer K/V buffers, and slices of its cluster arrays.
 
   threshold, coarse_threshold: the lookup's tau values (stored as traced scalars, so another
   percentile does not recompile). page_size: also build Quest page summaries of that size.
@@ -90,15 +91,15 @@ def split_layers(ctx: FixedContext, *, threshold: float | jax.Array | None = Non
   hierarchical = isinstance(clusters, HierarchicalClusteredKeys)
   as_scalar = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
   layers = []
-  for layer in range(ctx.keys.shape[0]):
+  for layer in range(ctx.num_layers):
     pick = lambda array, layer=layer: array[layer]
     page_min = page_max = None
     if page_size is not None:
       page_min, page_max = page_summaries(ctx.keys[layer], clusters.permutation[layer],
                                           page_size)
     layers.append(ContextLayer(
-        keys=pick(ctx.keys), values=pick(ctx.values),
-        window_keys=pick(ctx.window_keys), window_values=pick(ctx.window_values),
+        keys=ctx.keys[layer], values=ctx.values[layer],
+        window_keys=ctx.window_keys[layer], window_values=ctx.window_values[layer],
         centroids=pick(clusters.centroids), counts=pick(clusters.counts),
         offsets=pick(clusters.offsets), permutation=pick(clusters.permutation),
         coarse_centroids=pick(clusters.coarse_centroids) if hierarchical else None,

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from models.llama import KVCache, Llama, dense_attention, init_kv_caches
+from squeezed_jax.progress import progress
 
 
 @flax.struct.dataclass
@@ -50,17 +50,20 @@ def _prefill_chunk(graphdef, state, tokens, start, caches):
 
 @flax.struct.dataclass
 class PrefilledContext:
-  """keys, values: [L, Hkv, S, D] post-RoPE; window_queries: [L, W, Hq, D] float32."""
+  """The fixed context's cache, one buffer per layer (so that a layer's view costs nothing).
 
-  keys: jax.Array
-  values: jax.Array
+  keys, values: L-tuples of [Hkv, S, D] post-RoPE; window_queries: [L, W, Hq, D] float32.
+  """
+
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
   window_queries: jax.Array
 
 
 def prefill_context(model: Llama, token_ids: Sequence[int], *, window: int,
                     chunk_size: int = 512, cache_dtype=None) -> PrefilledContext:
   """Runs the model over the fixed context in chunks of `chunk_size` tokens (a progress bar with
-  an ETA is shown when there is more than one chunk)."""
+  an ETA is shown when there is more than one chunk: `squeezed_jax.progress`)."""
   config = model.config
   num_tokens = len(token_ids)
   if not 0 < window < num_tokens:
@@ -77,12 +80,17 @@ def prefill_context(model: Llama, token_ids: Sequence[int], *, window: int,
       _WindowCapture(kv, jnp.zeros(query_shape, jnp.float32), jnp.int32(num_tokens - window))
       for kv in init_kv_caches(config, 1, num_tokens, cache_dtype))
   graphdef, state = nnx.split(model)
-  for start in tqdm(range(0, tokens.shape[1], chunk_size), desc="context prefill",
-                    unit="chunk", disable=num_chunks == 1):
+  for start in progress(range(0, tokens.shape[1], chunk_size), desc="context prefill",
+                        unit="chunk"):
     caches = _prefill_chunk(graphdef, state, jnp.asarray(tokens[:, start:start + chunk_size]),
                             jnp.int32(start), caches)
     jax.block_until_ready(caches[0].kv.keys)  # so that the progress bar measures real work
-  return PrefilledContext(
-      keys=jnp.stack([c.kv.keys[0].transpose(1, 0, 2) for c in caches]),
-      values=jnp.stack([c.kv.values[0].transpose(1, 0, 2) for c in caches]),
-      window_queries=jnp.stack([c.window_queries[0] for c in caches]))
+  window_queries = jnp.stack([c.window_queries[0] for c in caches])
+  keys, values = [], []
+  pending = list(caches)
+  del caches
+  while pending:  # layer by layer, each [1, S, Hkv, D] cache dropped once transposed
+    kv = pending.pop(0).kv
+    keys.append(kv.keys[0].transpose(1, 0, 2))
+    values.append(kv.values[0].transpose(1, 0, 2))
+  return PrefilledContext(keys=tuple(keys), values=tuple(values), window_queries=window_queries)

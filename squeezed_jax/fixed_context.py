@@ -6,11 +6,17 @@
 
 The saved artifact holds the reordered KV cache, the observation window's K/V, centroids, counts,
 offsets, the permutation, the calibrated thresholds and budgets, the config and the model identity.
+
+The K/V (the bulk: 64 GB for LLaMA-2-7B at 128K tokens) are kept as one buffer per layer, so the
+online phase hands each layer its own arrays without a copy, and the build never holds two copies
+of the whole cache: each layer's prefilled K/V is dropped once reordered. The cluster arrays are
+small and stacked over layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Sequence
@@ -22,8 +28,9 @@ import jax.numpy as jnp
 from models.llama import Llama, LlamaConfig
 from squeezed_jax import atomic_checkpoint, calibration, key_clustering
 from squeezed_jax.context_prefill import prefill_context
+from squeezed_jax.progress import progress
 
-FORMAT = "squeezed-jax/fixed-context/1"
+FORMAT = "squeezed-jax/fixed-context/2"
 _LOG = logging.getLogger(__name__)
 
 
@@ -65,8 +72,8 @@ class ContextConfig:
 class FixedContext:
   """A processed fixed context (a pytree: pass it into jitted functions).
 
-  keys, values: [L, Hkv, S', D] clustered part, rows reordered by fine cluster.
-  window_keys, window_values: [L, Hkv, W, D] the observation window, always attended.
+  keys, values: L-tuples of [Hkv, S', D], the clustered part, rows reordered by fine cluster.
+  window_keys, window_values: L-tuples of [Hkv, W, D], the observation window, always attended.
   clusters: `ClusteredKeys` or `HierarchicalClusteredKeys` ([L, Hkv, ...] fields).
   thresholds: [P] float32, tau per calibrated percentile (`config.percentiles`).
   kept_fraction: [P, L, Hkv] float32, fraction of each head's clustered keys above tau.
@@ -74,10 +81,10 @@ class FixedContext:
   token_ids: [S] int32, the context's tokens.
   """
 
-  keys: jax.Array
-  values: jax.Array
-  window_keys: jax.Array
-  window_values: jax.Array
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  window_keys: tuple[jax.Array, ...]
+  window_values: tuple[jax.Array, ...]
   clusters: key_clustering.ClusteredKeys | key_clustering.HierarchicalClusteredKeys
   thresholds: jax.Array
   kept_fraction: jax.Array
@@ -88,7 +95,17 @@ class FixedContext:
 
   @property
   def num_tokens(self) -> int:
+    """S, tokens of the fixed context."""
     return self.token_ids.shape[0]
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.keys)
+
+  @property
+  def num_clustered(self) -> int:
+    """S' = S - W, keys of the clustered part per (layer, KV head)."""
+    return self.keys[0].shape[1]
 
   def threshold(self, percentile: float) -> jax.Array:
     """tau for a calibrated percentile (fraction of keys pruned)."""
@@ -114,47 +131,46 @@ class FixedContext:
     started = time.perf_counter()
     prefilled = prefill_context(model, token_ids, window=window, chunk_size=config.prefill_chunk)
     _LOG.info("fixed context: prefill of %d tokens took %.1f s", len(token_ids),
-                 time.perf_counter() - started)
+              time.perf_counter() - started)
+    window_queries = prefilled.window_queries
+    keys, values = list(prefilled.keys), list(prefilled.values)
+    del prefilled
     clustered_len = len(token_ids) - window
-    num_clusters = key_clustering.num_clusters_for(clustered_len, config.percent_clusters)
-    keys = prefilled.keys[:, :, :clustered_len]
-    key = jax.random.key(config.seed)
     started = time.perf_counter()
-    if config.hierarchical:
-      clusters = key_clustering.cluster_keys_hierarchical(
-          keys, num_clusters=num_clusters, key=key,
-          num_coarse_clusters=key_clustering.num_clusters_for(clustered_len,
-                                                              config.percent_clusters_coarse))
-    else:
-      clusters = key_clustering.cluster_keys(keys, num_clusters=num_clusters, key=key)
-    jax.block_until_ready(clusters)
+    clusters = _cluster_layers(keys, clustered_len, config)
     _LOG.info("fixed context: clustering %d keys x %d heads into %d clusters took %.1f s",
-                 clustered_len, keys.shape[0] * keys.shape[1], num_clusters,
-                 time.perf_counter() - started)
+              clustered_len, len(keys) * keys[0].shape[0], clusters.centroids.shape[2],
+              time.perf_counter() - started)
     thresholds = calibration.calibrate_thresholds(
-        prefilled.window_queries, clusters.centroids, clusters.counts, config.percentiles)
+        window_queries, clusters.centroids, clusters.counts, config.percentiles)
     coarse_thresholds = None
     if config.hierarchical:
       coarse_thresholds = calibration.calibrate_coarse_thresholds(
-          prefilled.window_queries, clusters.coarse_centroids, clusters.coarse_counts,
+          window_queries, clusters.coarse_centroids, clusters.coarse_counts,
           config.percentiles).thresholds
-    return cls(
-        keys=key_clustering.reorder(keys, clusters.permutation),
-        values=key_clustering.reorder(prefilled.values[:, :, :clustered_len], clusters.permutation),
-        window_keys=prefilled.keys[:, :, clustered_len:],
-        window_values=prefilled.values[:, :, clustered_len:],
-        clusters=clusters,
-        thresholds=thresholds.thresholds,
-        kept_fraction=thresholds.kept_fraction,
-        coarse_thresholds=coarse_thresholds,
-        token_ids=jnp.asarray(token_ids, jnp.int32),
-        config=config,
-        model_config=model.config)
+    cache = {name: [] for name in _LAYER_FIELDS}
+    for layer in range(len(keys)):
+      permutation = clusters.permutation[layer]
+      for name, prefilled_layer in (("keys", keys), ("values", values)):
+        clustered, window_part = _split_window(prefilled_layer[layer], permutation)
+        prefilled_layer[layer] = None  # free this layer's prefilled buffer now
+        cache[name].append(clustered)
+        cache[f"window_{name}"].append(window_part)
+    return cls(**{name: tuple(arrays) for name, arrays in cache.items()},
+               clusters=clusters,
+               thresholds=thresholds.thresholds,
+               kept_fraction=thresholds.kept_fraction,
+               coarse_thresholds=coarse_thresholds,
+               token_ids=jnp.asarray(token_ids, jnp.int32),
+               config=config,
+               model_config=model.config)
 
   def save(self, directory: str) -> None:
     """Writes the artifact atomically: an interrupted save leaves the previous one intact."""
     arrays = {name: getattr(self, name) for name in _ARRAY_FIELDS
               if getattr(self, name) is not None}
+    arrays.update({f"{name}.{layer}": array for name in _LAYER_FIELDS
+                   for layer, array in enumerate(getattr(self, name))})
     arrays.update({f"clusters.{name}": value
                    for name, value in self.clusters._asdict().items()})
     metadata = {
@@ -184,12 +200,42 @@ class FixedContext:
                     else key_clustering.ClusteredKeys)
     clusters = cluster_type(**{name: arrays[f"clusters.{name}"]
                                for name in cluster_type._fields})
-    return cls(**{name: arrays.get(name) for name in _ARRAY_FIELDS}, clusters=clusters,
-               config=config, model_config=model_config)
+    per_layer = {name: tuple(arrays[f"{name}.{layer}"] for layer in range(model_config.num_layers))
+                 for name in _LAYER_FIELDS}
+    return cls(**{name: arrays.get(name) for name in _ARRAY_FIELDS}, **per_layer,
+               clusters=clusters, config=config, model_config=model_config)
 
 
-_ARRAY_FIELDS = ("keys", "values", "window_keys", "window_values", "thresholds", "kept_fraction",
-                 "coarse_thresholds", "token_ids")
+_LAYER_FIELDS = ("keys", "values", "window_keys", "window_values")
+_ARRAY_FIELDS = ("thresholds", "kept_fraction", "coarse_thresholds", "token_ids")
+
+
+def _cluster_layers(keys: Sequence[jax.Array], clustered_len: int, config: ContextConfig
+                    ) -> key_clustering.ClusteredKeys | key_clustering.HierarchicalClusteredKeys:
+  """Clusters the first `clustered_len` keys of each layer's [Hkv, S, D] buffer, layer by layer
+  (one compiled shape; no stacked copy of all layers' keys), stacked over layers ([L, Hkv, ...])."""
+  num_clusters = key_clustering.num_clusters_for(clustered_len, config.percent_clusters)
+  if config.hierarchical:
+    cluster = functools.partial(
+        key_clustering.cluster_keys_hierarchical, num_clusters=num_clusters,
+        num_coarse_clusters=key_clustering.num_clusters_for(clustered_len,
+                                                            config.percent_clusters_coarse))
+  else:
+    cluster = functools.partial(key_clustering.cluster_keys, num_clusters=num_clusters)
+  seed = jax.random.key(config.seed)
+  per_layer = [jax.block_until_ready(
+      cluster(layer_keys[None, :, :clustered_len], key=jax.random.fold_in(seed, layer)))
+               for layer, layer_keys in enumerate(progress(keys, desc="clustering",
+                                                           unit="layer"))]
+  return type(per_layer[0])(*(jnp.concatenate(field) for field in zip(*per_layer)))
+
+
+def _split_window(prefilled: jax.Array, permutation: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One layer's [Hkv, S, D] prefilled K or V -> (clustered part [Hkv, S', D] reordered by
+  `permutation` [Hkv, S'], observation window [Hkv, W, D])."""
+  clustered_len = permutation.shape[-1]
+  clustered = key_clustering.reorder(prefilled[None, :, :clustered_len], permutation[None])[0]
+  return clustered, prefilled[:, clustered_len:]
 
 
 def _check_built_for(built_for: LlamaConfig, given: LlamaConfig, what: str) -> None:

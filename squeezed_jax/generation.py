@@ -72,20 +72,23 @@ def _prefill_chunk(graphdef, state, tokens, start, last_index, last_logits, cach
 def decode_loop(model: Llama, logits: jax.Array, lengths: jax.Array, caches: Sequence[Any],
                 key: jax.Array, stop_tokens: jax.Array, *, attention_fn: AttentionFn,
                 max_new_tokens: int, sampling: SamplingParams,
-                on_step: Callable[[Any, jax.Array], Any] | None = None
+                on_step: Callable[[Any, jax.Array], Any] | None = None,
+                limit: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
   """Samples up to max_new_tokens per sequence in a `lax.while_loop` (traceable: call it in jit).
 
   logits: [B, V] of each prompt's last token; lengths: [B] position of the first generated
   token; stop_tokens: [N] int32. `on_step(caches, done)`, if given, updates the caches before
-  every model step (done: [B] bool, sequences already stopped).
+  every model step (done: [B] bool, sequences already stopped). limit: a traced scalar
+  <= max_new_tokens that stops the loop earlier (so one compiled loop serves several lengths).
   Returns (tokens [B, max_new_tokens] int32, num_generated [B], stopped [B], final caches).
   """
   batch = lengths.shape[0]
+  limit = max_new_tokens if limit is None else jnp.minimum(limit, max_new_tokens)
 
   def cond(carry):
     step, _, _, done, *_ = carry
-    return (step < max_new_tokens) & ~jnp.all(done)
+    return (step < limit) & ~jnp.all(done)
 
   def body(carry):
     step, out, num, done, logits, caches, key = carry

@@ -6,7 +6,8 @@
 Questions (token ids, without the context) are prefilled in chunks at positions S, S + 1, ...
 (S = context tokens), then decoded in a jitted `lax.while_loop`, re-selecting the fixed-context
 rows at every step and layer (`squeezed_jax.attention_methods`). The fixed context is split into
-per-layer views once per call (`context_layers.split_layers`); inside the jitted steps those views
+per-layer views once per call (`context_layers.split_layers`, sharing its per-layer K/V buffers);
+inside the jitted steps those views
 are bound to each layer's cache as loop constants, so neither the loop state nor any output holds
 a copy of the context, and a batch of questions shares one copy.
 
@@ -41,8 +42,14 @@ from squeezed_jax.kv_budget import BudgetStats, budget_fractions
 from squeezed_jax.sampling import SamplingParams
 
 
-# The question KV cache's length is a multiple of this (fewer recompilations across calls).
+# The question KV cache's length and the decode loop's output width are multiples of this, so
+# that calls with similar question lengths and max_new_tokens share one compiled program.
 CAPACITY_MULTIPLE = 64
+
+
+def _round_up(size: int, cap: int) -> int:
+  """`size` rounded up to a multiple of CAPACITY_MULTIPLE, at most `cap` (>= size)."""
+  return min(-(-size // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE, cap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +112,7 @@ def resolve_method(ctx: FixedContext, method: str, *, percentile: float | None =
   """The static `MethodConfig` and the (fine, coarse) thresholds of a `generate` call."""
   if method not in METHODS:
     raise ValueError(f"{method=} must be one of {METHODS}")
-  num_keys = ctx.keys.shape[2]
+  num_keys = ctx.num_clustered
   choices = {"percentile": percentile, "kv_budget": kv_budget}
   if method in SQUEEZED_METHODS:
     choices["options.threshold"] = options.threshold
@@ -207,14 +214,15 @@ def _mark_stopped(capacity: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "max_new_tokens",
                                              "sampling"))
-def _decode(graphdef, state, layers, logits, lengths, caches, key, stop_tokens, *, attention,
-            max_new_tokens, sampling):
-  """Returns (tokens [B, max_new_tokens], num_generated [B], stopped [B], per-layer stats)."""
+def _decode(graphdef, state, layers, logits, lengths, caches, key, stop_tokens, limit, *,
+            attention, max_new_tokens, sampling):
+  """Returns (tokens [B, max_new_tokens], num_generated [B], stopped [B], per-layer stats);
+  generation stops after `limit` (traced) tokens."""
   capacity = caches[0].kv.capacity
   out, num, done, caches = decode_loop(
       nnx.merge(graphdef, state), logits, lengths, caches, key, stop_tokens,
       attention_fn=bind(attention, layers), max_new_tokens=max_new_tokens, sampling=sampling,
-      on_step=_mark_stopped(capacity))
+      on_step=_mark_stopped(capacity), limit=limit)
   return out, num, done, tuple(cache.stats for cache in caches)
 
 
@@ -248,8 +256,7 @@ def generate(model: Llama, ctx: FixedContext, questions: Sequence[Sequence[int]]
     raise ValueError(f"context ({context_length} tokens) + longest question ({longest}) + "
                      f"{max_new_tokens=} exceeds the model's "
                      f"{model_config.max_position_embeddings=}")
-  # Rounded up so that questions of similar lengths share one compiled decode loop.
-  capacity = min(-(-(longest + max_new_tokens) // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE, room)
+  capacity = _round_up(longest + max_new_tokens, room)
   layers = split_layers(ctx, threshold=threshold, coarse_threshold=coarse_threshold,
                         page_size=config.page_size if config.name == "quest" else None)
   caches = init_caches(layers, jnp.asarray(lengths), capacity, model_config.dtype)
@@ -263,9 +270,10 @@ def generate(model: Llama, ctx: FixedContext, questions: Sequence[Sequence[int]]
         jnp.int32(context_length + start), last_index, last_logits, caches, attention)
   out, num, stopped, stats = _decode(
       graphdef, state, layers, last_logits, jnp.asarray(context_length + lengths), caches,
-      jax.random.key(seed), jnp.asarray(stop_tokens, jnp.int32), attention=attention,
-      max_new_tokens=max_new_tokens, sampling=sampling)
-  fractions = [budget_fractions(s, ctx.keys.shape[2]) for s in stats]
+      jax.random.key(seed), jnp.asarray(stop_tokens, jnp.int32), jnp.int32(max_new_tokens),
+      attention=attention, max_new_tokens=_round_up(max_new_tokens, room - longest),
+      sampling=sampling)
+  fractions = [budget_fractions(s, ctx.num_clustered) for s in stats]
   stack = lambda name: np.stack([np.asarray(f[name]) for f in fractions], axis=1)
   out, num, stopped = jax.device_get((out, num, stopped))
   return Answers(token_ids=[row[:n].tolist() for row, n in zip(out, num)],

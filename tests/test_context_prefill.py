@@ -26,8 +26,9 @@ def test_chunked_prefill_matches_full_forward(chunk_size):
   q = jnp.stack([r[0][0] for r in recorded])  # [L, S, Hq, D]
   k = jnp.stack([r[1][0] for r in recorded]).transpose(0, 2, 1, 3)
   v = jnp.stack([r[2][0] for r in recorded]).transpose(0, 2, 1, 3)
-  np.testing.assert_allclose(got.keys, k, atol=1e-5)
-  np.testing.assert_allclose(got.values, v, atol=1e-5)
+  assert len(got.keys) == len(got.values) == model.config.num_layers
+  np.testing.assert_allclose(jnp.stack(got.keys), k, atol=1e-5)
+  np.testing.assert_allclose(jnp.stack(got.values), v, atol=1e-5)
   np.testing.assert_allclose(got.window_queries, q[:, -window:], atol=1e-5)
 
 

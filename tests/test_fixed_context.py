@@ -7,6 +7,7 @@ from flax import nnx
 
 from models.llama import PRESETS, Llama
 from squeezed_jax import atomic_checkpoint
+from squeezed_jax.context_prefill import prefill_context
 from squeezed_jax.fixed_context import ContextConfig, FixedContext
 
 def test_build_layout_on_real_weights(stories, stories_context):
@@ -15,20 +16,36 @@ def test_build_layout_on_real_weights(stories, stories_context):
   config = model.config
   clustered = len(ids) - 32
   num_clusters = int(np.ceil(0.05 * clustered))
-  assert context.keys.shape == (config.num_layers, config.num_kv_heads, clustered,
-                                config.head_dim)
-  assert context.window_keys.shape == (config.num_layers, config.num_kv_heads, 32,
-                                       config.head_dim)
+  assert context.num_layers == config.num_layers and context.num_clustered == clustered
+  for name, length in (("keys", clustered), ("values", clustered), ("window_keys", 32),
+                       ("window_values", 32)):
+    assert [x.shape for x in getattr(context, name)] == (
+        [(config.num_kv_heads, length, config.head_dim)] * config.num_layers), name
   assert context.clusters.centroids.shape[2] == num_clusters
   counts = np.asarray(context.clusters.counts)
   assert (counts.sum(-1) == clustered).all()
   # Reordered keys of cluster c average to its centroid (the mean of un-normalised keys).
-  keys, offsets = np.asarray(context.keys), np.asarray(context.clusters.offsets)
+  keys, offsets = np.stack(context.keys), np.asarray(context.clusters.offsets)
   centroids = np.asarray(context.clusters.centroids)
   for layer, head in [(0, 0), (config.num_layers - 1, config.num_kv_heads - 1)]:
     for c in np.flatnonzero(counts[layer, head])[:5]:
       rows = keys[layer, head, offsets[layer, head, c]:offsets[layer, head, c + 1]]
       np.testing.assert_allclose(rows.mean(0), centroids[layer, head, c], atol=1e-5)
+
+
+def test_cache_is_the_prefill_reordered_and_split(stories, stories_context):
+  model, _, ids = stories
+  ctx = stories_context
+  prefilled = prefill_context(model, ids, window=32, chunk_size=128)
+  permutation = np.asarray(ctx.clusters.permutation)
+  for layer in (0, ctx.num_layers - 1):
+    for name in ("keys", "values"):
+      full = np.asarray(getattr(prefilled, name)[layer])
+      np.testing.assert_array_equal(
+          np.asarray(getattr(ctx, name)[layer]),
+          np.take_along_axis(full[:, :ctx.num_clustered], permutation[layer][..., None], axis=1))
+      np.testing.assert_array_equal(np.asarray(getattr(ctx, f"window_{name}")[layer]),
+                                    full[:, ctx.num_clustered:])
 
 
 def test_thresholds_prune_the_calibrated_fraction(stories_context):
@@ -77,7 +94,7 @@ def test_hierarchical_build(stories):
   context = FixedContext.build(model, ids, config)
   clusters = context.clusters
   coarse_counts = np.asarray(clusters.coarse_counts)
-  assert (coarse_counts.sum(-1) == context.keys.shape[2]).all()
+  assert (coarse_counts.sum(-1) == context.num_clustered).all()
   assert context.coarse_thresholds.shape == (len(config.percentiles),)
   # Keys of one coarse cluster are contiguous: fine ranges chained by coarse_offsets.
   fine_offsets = np.asarray(clusters.offsets)

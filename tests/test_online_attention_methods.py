@@ -75,7 +75,7 @@ def _online_logits(model, ctx, questions, follow, config, **thresholds):
 
 
 def _keep_everything(ctx, name):
-  num_keys = ctx.keys.shape[2]
+  num_keys = ctx.num_clustered
   num_fine = ctx.clusters.centroids.shape[2]
   return {
       "dense": (MethodConfig("dense"), {}),
@@ -98,7 +98,7 @@ def test_keeping_every_key_equals_dense(setup, name):
   for question, row_follow, row_logits in zip(questions, follow, got):
     want = _dense_reference(model, ctx, np.asarray(question), row_follow)
     np.testing.assert_allclose(row_logits, want, atol=1e-4, rtol=0)
-  num_keys = ctx.keys.shape[2]
+  num_keys = ctx.num_clustered
   for cache in caches:  # 1 prefill lookup + 20 decode lookups, each reading all S' rows
     np.testing.assert_array_equal(np.asarray(cache.stats.lookups), 1 + DECODE_STEPS)
     np.testing.assert_allclose(np.asarray(cache.stats.rows), (1 + DECODE_STEPS) * num_keys)
@@ -108,13 +108,13 @@ def test_keeping_every_key_equals_dense(setup, name):
 def test_pruning_changes_the_output(setup):
   """The equality above is not vacuous: a real threshold reads fewer rows and moves the logits."""
   model, ctx, questions, follow = setup
-  config = MethodConfig("squeezed", max_rows=ctx.keys.shape[2])
+  config = MethodConfig("squeezed", max_rows=ctx.num_clustered)
   got, caches = _online_logits(model, ctx, questions, follow, config,
                                threshold=float(ctx.threshold(0.9)))
   want = _dense_reference(model, ctx, np.asarray(questions[0]), follow[0])
   assert np.abs(got[0] - want).max() > 1e-3
   rows = np.stack([np.asarray(c.stats.rows) for c in caches])
-  assert rows.max() < (1 + DECODE_STEPS) * ctx.keys.shape[2]
+  assert rows.max() < (1 + DECODE_STEPS) * ctx.num_clustered
 
 
 def test_page_summaries_bound_every_key():

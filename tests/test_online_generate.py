@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from models.llama import PRESETS, Llama
+from squeezed_jax import online
 from squeezed_jax.online import MethodOptions, generate
 
 QUESTIONS = [" Lily and the dog", " Then her mom said that they",
@@ -52,7 +53,7 @@ def test_squeezed_at_half_matches_dense_greedy(setup, dense_answer):
   # Centroids (K = 5% of S' vectors, keys only) add K / (2 S') to the rows read.
   num_clusters = ctx.clusters.centroids.shape[2]
   np.testing.assert_allclose(answer.kv_budget - answer.rows_fraction,
-                             num_clusters / (2 * ctx.keys.shape[2]), rtol=1e-5)
+                             num_clusters / (2 * ctx.num_clustered), rtol=1e-5)
   assert answer.overflows.sum() == 0
 
 
@@ -76,7 +77,7 @@ def test_key_budget_mode_stays_within_budget(setup):
   model, ctx, questions = setup
   answer = generate(model, ctx, questions[:1], method="squeezed", kv_budget=0.3,
                     max_new_tokens=4, stop_tokens=[])
-  assert answer.config.key_budget == round(0.3 * ctx.keys.shape[2])
+  assert answer.config.key_budget == round(0.3 * ctx.num_clustered)
   assert answer.rows_fraction.max() <= 0.3 + 1e-6
   assert answer.overflows.sum() == 0
 
@@ -102,3 +103,16 @@ def test_bad_arguments(setup):
              max_new_tokens=2)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     generate(model, ctx, questions, method="dense", max_new_tokens=200)
+
+
+def test_max_new_tokens_shares_one_compiled_decode_loop(setup, dense_answer):
+  model, ctx, questions = setup
+  short = generate(model, ctx, questions[:1], method="dense", max_new_tokens=NEW_TOKENS - 10,
+                   stop_tokens=[])
+  compiled = online._decode._cache_size()
+  longer = generate(model, ctx, questions[:1], method="dense", max_new_tokens=NEW_TOKENS - 3,
+                    stop_tokens=[])
+  assert online._decode._cache_size() == compiled
+  assert len(short.token_ids[0]) == NEW_TOKENS - 10 and len(longer.token_ids[0]) == NEW_TOKENS - 3
+  assert longer.token_ids[0] == dense_answer.token_ids[0][:NEW_TOKENS - 3]
+  assert short.token_ids[0] == dense_answer.token_ids[0][:NEW_TOKENS - 10]

@@ -31,7 +31,7 @@ def test_module_in_the_model_keeping_everything_equals_dense(setup):
   model, ctx, question = setup
   follow = [37, 211, 90]
   attention = SqueezedAttention(ctx, method="squeezed", options=MethodOptions(
-      threshold=-1.0, max_rows=ctx.keys.shape[2]))
+      threshold=-1.0, max_rows=ctx.num_clustered))
   caches = attention.init_caches(jnp.array([len(question)]), capacity=16)
   start = ctx.num_tokens
   logits, caches = model(jnp.array([question]), start + jnp.arange(len(question))[None], caches,
@@ -54,5 +54,5 @@ def test_module_state_holds_the_context_arrays(setup):
   attention = SqueezedAttention(ctx, method="quest", kv_budget=0.5)
   _, state = nnx.split(attention)
   leaves = [leaf for leaf in nnx.to_flat_state(state)]
-  assert len(leaves) >= 8 * ctx.keys.shape[0]  # K, V, window, clusters, pages of every layer
-  assert attention.attention.config.key_budget == round(0.5 * ctx.keys.shape[2])
+  assert len(leaves) >= 8 * ctx.num_layers  # K, V, window, clusters, pages of every layer
+  assert attention.attention.config.key_budget == round(0.5 * ctx.num_clustered)

@@ -26,3 +26,23 @@ def test_attention_errors(kwargs, message):
 def test_lookup_errors():
   with pytest.raises(ValueError, match="power of two"):
     block_sizes.LookupBlockSizes(block_k=100)
+
+
+def test_decode_defaults_and_errors():
+  tiles = block_sizes.DecodeBlockSizes()
+  assert tiles.block_clusters == 128 and tiles.lookup.single_pass_tiles == 1
+  with pytest.raises(ValueError, match="power of two"):
+    block_sizes.DecodeBlockSizes(block_clusters=96)
+  with pytest.raises(ValueError, match="must be >= 16"):
+    block_sizes.DecodeBlockSizes(coarse_block=8)
+  with pytest.raises(ValueError, match="window_rows"):
+    block_sizes.DecodeBlockSizes(window_rows=0)
+  with pytest.raises(ValueError, match="single_pass_tiles"):
+    block_sizes.LookupBlockSizes(single_pass_tiles=0)
+
+
+@pytest.mark.parametrize("x,power,multiple_of_16", [
+    (1, 1, 16), (16, 16, 16), (17, 32, 32), (100, 128, 112)])
+def test_padding_helpers(x, power, multiple_of_16):
+  assert block_sizes.next_power_of_two(x) == power
+  assert block_sizes.round_up(x, 16) == multiple_of_16

@@ -46,25 +46,13 @@ def _queries(batch, tokens, num_heads, head_dim, dtype):
   return jax.random.normal(jax.random.key(batch * 7 + num_heads), shape, dtype)
 
 
-def _reference(q, ctx, sel, window_kv):
-  """Reference attention over the selected rows (+ the window if given)."""
-  keys, values = ctx.keys, ctx.values
-  mask = selection.key_mask(sel, NUM_KEYS)
-  if window_kv is not None:
-    keys = jnp.concatenate([keys, window_kv[0]], axis=1)
-    values = jnp.concatenate([values, window_kv[1]], axis=1)
-    mask = jnp.concatenate(
-        [mask, jnp.ones((*mask.shape[:2], window_kv[0].shape[1]), bool)], -1)
-  return references.attention(q, keys, values, mask)
-
-
 @pytest.mark.parametrize(
     "batch,tokens,group,head_dim,dtype,which,window",
     [
         (3, None, 4, 64, jnp.bfloat16, "ragged", 37),
         (1, None, 8, 128, jnp.bfloat16, "all", 0),
         (3, None, 1, 64, jnp.float32, "ragged", 0),
-        (3, 5, 1, 128, jnp.bfloat16, "ragged", 0),
+        (3, 5, 1, 128, jnp.bfloat16, "ragged", 37),
         (1, 20, 4, 64, jnp.bfloat16, "none", 0),
         (2, None, 1, 128, jnp.float32, "none", 37),
     ])
@@ -90,7 +78,9 @@ def test_sparse_attention(batch, tokens, group, head_dim, dtype, which,
       window_keys=None if window_kv is None else window_kv[0],
       window_values=None if window_kv is None else window_kv[1],
       block_sizes=tiles, interpret=True)
-  want_out, want_lse = _reference(q, ctx, sel, window_kv)
+  want_out, want_lse = references.attention_with_window(
+      q, ctx.keys, ctx.values, selection.key_mask(sel, NUM_KEYS),
+      *(window_kv if window_kv is not None else ()))
   assert out.shape == q.shape and out.dtype == q.dtype
   tol = 1e-5 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(np.asarray(out, np.float32),

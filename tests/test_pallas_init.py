@@ -47,3 +47,47 @@ def test_lookup_attention_with_window_is_exact(backend):
   want_out, want_lse = references.attention(q, keys, values, key_mask)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(lse, want_lse, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+def test_decode_attention_matches_reference(backend):
+  ctx = synthetic.clustered_context(jax.random.key(3), num_kv_heads=2,
+                                    num_keys=180, num_clusters=9, head_dim=32,
+                                    dtype=jnp.float32)
+  coarse = synthetic.coarse_level(jax.random.key(4), ctx.centroids,
+                                  ctx.counts, 3)
+  window_keys, window_values = jax.random.normal(jax.random.key(5),
+                                                 (2, 2, 7, 32))
+  q = jax.random.normal(jax.random.key(6), (3, 4, 32))
+  coarse_tau = float(jnp.quantile(
+      references.centroid_scores(q, coarse[0], coarse[1]), 0.5))
+  scores, want_coarse = references.hierarchical_centroid_scores(
+      q, ctx.centroids, ctx.counts, *coarse, coarse_threshold=coarse_tau)
+  tau = float(jnp.quantile(scores[scores > 0], 0.4))
+  out, lse, kept = pk.squeezed_decode_attention(
+      q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
+      threshold=tau, window_keys=window_keys, window_values=window_values,
+      coarse_centroids=coarse[0], coarse_counts=coarse[1],
+      coarse_offsets=coarse[2], coarse_threshold=coarse_tau, backend=backend,
+      interpret=True)
+  want = selection.select_clusters(scores, ctx.counts, ctx.offsets,
+                                   max_rows=180, threshold=tau)
+  np.testing.assert_array_equal(kept.clusters, want.clusters)
+  np.testing.assert_array_equal(kept.num_rows, want.num_rows)
+  np.testing.assert_array_equal(kept.coarse_clusters, want_coarse)
+  want_out, want_lse = references.attention_with_window(
+      q, ctx.keys, ctx.values, selection.key_mask(want, 180), window_keys,
+      window_values)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5)
+
+
+def test_decode_attention_argument_errors():
+  ctx = synthetic.clustered_context(jax.random.key(3), num_kv_heads=2,
+                                    num_keys=40, num_clusters=4, head_dim=8)
+  args = (ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets)
+  with pytest.raises(ValueError, match="decode queries"):
+    pk.squeezed_decode_attention(jnp.ones((1, 2, 2, 8)), *args, threshold=0.1)
+  with pytest.raises(ValueError, match="all or none"):
+    pk.squeezed_decode_attention(jnp.ones((1, 2, 8)), *args, threshold=0.1,
+                                 coarse_centroids=ctx.centroids)

@@ -6,14 +6,17 @@ every centroid tile: the centroids are read once per pass for the whole batch.
 
 Two shapes of work:
 * decode (few query rows): ONE bandwidth-bound pass over the centroids; each
-  program scores one centroid tile for all query rows (one tile of
-  round_up(B x G, 16) rows; float32 centroids on the tf32 tensor cores), writes
-  the logits and a per-tile log-sum-exp; XLA finishes the normaliser and the
-  scores on the small [Hkv, B x G, K] logits. Nothing leaves the device.
+  program scores `single_pass_tiles` centroid tiles for all query rows (one
+  tile of the next power of two >= max(16, B x G) rows; float32 centroids on
+  the tf32 tensor cores), writes the logits and a per-split log-sum-exp
+  (`single_pass_logits`); XLA finishes the normaliser and the scores on the
+  small [Hkv, B x G, K] logits, or the fused decode attention does
+  (`decode_attention.py`). Nothing leaves the device.
 * prefill (many query rows): pass 1 computes each query's log-sum-exp over all
   centroids (online max); pass 2 recomputes the logits per centroid tile and
-  accumulates the weighted mean over each (sequence, head)'s tokens. Both
-  passes are matrix products on the tensor cores; no [T, K] array is stored.
+  accumulates the weighted mean over each (sequence, head)'s tokens (in a
+  [block_m, block_k] tile, summed over queries once per group). Both passes
+  are matrix products on the tensor cores; no [T, K] array is stored.
 """
 
 from __future__ import annotations
@@ -30,10 +33,7 @@ import jax.numpy as jnp
 from pallas_kernels import block_sizes as block_sizes_lib
 from pallas_kernels import queries
 from pallas_kernels import references
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
+from pallas_kernels.gpu import flash_blocks
 
 
 def _centroid_tile(c_ref, n_ref, tile: jax.Array, block_k: int):
@@ -43,13 +43,13 @@ def _centroid_tile(c_ref, n_ref, tile: jax.Array, block_k: int):
   window = pl.ds(tile * block_k, block_k)
   centroids = plgpu.load(c_ref.at[window], mask=valid[:, None], other=0.0)
   counts = plgpu.load(n_ref.at[window], mask=valid, other=0)
-  log_n = jnp.where(counts > 0, jnp.log(counts.astype(jnp.float32)), -jnp.inf)
-  return centroids, log_n
+  return centroids, references.log_counts(counts)
 
 
-def _logits(q: jax.Array, centroids: jax.Array, sm_scale: float,
-            dot_dtype: jnp.dtype | None) -> jax.Array:
-  """q.C * scale [block_m, block_k]; float32 operands use tf32 tensor cores."""
+def centroid_logits(q: jax.Array, centroids: jax.Array, sm_scale: float,
+                    dot_dtype: jnp.dtype | None = None) -> jax.Array:
+  """q.C * scale [block_m, block_k] in a kernel, products in `dot_dtype`
+  (None: the centroids' dtype); float32 operands use tf32 tensor cores."""
   dtype = centroids.dtype if dot_dtype is None else dot_dtype
   tf32 = True if dtype == jnp.float32 else None
   return plgpu.dot(q.astype(dtype), centroids.astype(dtype), trans_b=True,
@@ -73,22 +73,15 @@ def _lse_kernel(q_ref, c_ref, n_ref, lse_ref, *logits_refs, sm_scale: float,
   real = pl.program_id(1) * block_m + jnp.arange(block_m) < num_q_rows
 
   def body(tile, carry):
-    top, total = carry
     centroids, log_n = _centroid_tile(c_ref, n_ref, tile, block_k)
-    logits = _logits(q, centroids, sm_scale, dot_dtype)
+    logits = centroid_logits(q, centroids, sm_scale, dot_dtype)
     if logits_refs:
       plgpu.store(logits_refs[0].at[:, pl.ds(tile * block_k, block_k)],
                   logits, mask=real[:, None])
-    weighted = logits + log_n[None, :]
-    new_top = jnp.maximum(top, weighted.max(axis=1))
-    safe_top = jnp.where(new_top > -jnp.inf, new_top, 0.0)
-    total = total * jnp.exp(top - safe_top) + jnp.exp(
-        weighted - safe_top[:, None]).sum(axis=1)
-    return new_top, total
+    return flash_blocks.online_logsumexp(carry, logits + log_n[None, :])
 
-  top, total = lax.fori_loop(
-      first, last, body, (jnp.full((block_m,), -jnp.inf, jnp.float32),
-                          jnp.zeros((block_m,), jnp.float32)))
+  top, total = lax.fori_loop(first, last, body,
+                             flash_blocks.empty_logsumexp(block_m))
   lse_ref[...] = top + jnp.log(total)
 
 
@@ -96,6 +89,10 @@ def _mean_probs_kernel(q_ref, lse_ref, w_ref, c_ref, n_ref, out_ref, *,
                        sm_scale: float, block_m: int, block_k: int,
                        rows_per_group: int, dot_dtype: jnp.dtype | None):
   """Weighted mean over each group's tokens of s_j, for one centroid tile.
+
+  The weighted probabilities accumulate elementwise in a [block_m, block_k]
+  tile and are summed over the query axis once per group (a cross-warp
+  reduction per query block would cost more than the exps).
 
   Refs: q_ref [M, D]; lse_ref, w_ref [M]; c_ref [K, D]; n_ref [K];
   out_ref [num_groups, block_k].
@@ -105,15 +102,16 @@ def _mean_probs_kernel(q_ref, lse_ref, w_ref, c_ref, n_ref, out_ref, *,
 
   def token_block(block, acc):
     window = pl.ds(block * block_m, block_m)
-    logits = _logits(q_ref[window, :], centroids, sm_scale, dot_dtype)
+    logits = centroid_logits(q_ref[window, :], centroids, sm_scale,
+                             dot_dtype)
     probs = jnp.exp(logits - lse_ref[window][:, None])
-    return acc + (probs * w_ref[window][:, None]).sum(axis=0)
+    return acc + probs * w_ref[window][:, None]
 
   def group_body(group, carry):
     first = group * (rows_per_group // block_m)
     acc = lax.fori_loop(first, first + rows_per_group // block_m, token_block,
-                        jnp.zeros((block_k,), jnp.float32))
-    out_ref[group, :] = jnp.where(log_n > -jnp.inf, acc, 0.0)
+                        jnp.zeros((block_m, block_k), jnp.float32))
+    out_ref[group, :] = jnp.where(log_n > -jnp.inf, acc.sum(axis=0), 0.0)
     return carry
 
   lax.fori_loop(0, num_groups, group_body, 0)
@@ -121,14 +119,19 @@ def _mean_probs_kernel(q_ref, lse_ref, w_ref, c_ref, n_ref, out_ref, *,
 
 def _lse_call(q_rows, centroids, counts, *, sm_scale, block_sizes, num_splits,
               with_logits, num_q_rows, dot_dtype, interpret):
-  """pass 1: lse partials [Hkv, num_splits, Mp] (+ logits [Hkv, Mp, Kp])."""
+  """pass 1: lse partials [Hkv, Sp, Mp] (+ logits [Hkv, Mp, Kp]).
+
+  Split s covers centroid tiles s * tiles_per_split onwards; the split axis is
+  padded to Sp = the next power of two (entries >= num_splits unwritten).
+  """
   num_kv_heads, num_rows, head_dim = q_rows.shape
   num_clusters = centroids.shape[1]
   block_m, block_k = block_sizes.block_m, block_sizes.block_k
   num_tiles = pl.cdiv(num_clusters, block_k)
   tiles_per_split = pl.cdiv(num_tiles, num_splits)
   out_specs = [pl.BlockSpec((None, None, block_m), lambda h, i, s: (h, s, i))]
-  out_shape = [jax.ShapeDtypeStruct((num_kv_heads, num_splits, num_rows),
+  num_parts = block_sizes_lib.next_power_of_two(num_splits)
+  out_shape = [jax.ShapeDtypeStruct((num_kv_heads, num_parts, num_rows),
                                     jnp.float32)]
   if with_logits:
     out_specs.append(pl.BlockSpec((None, block_m, num_tiles * block_k),
@@ -154,6 +157,73 @@ def _lse_call(q_rows, centroids, counts, *, sm_scale, block_sizes, num_splits,
       interpret=interpret,
       name="squeezed_centroid_lse",
   )(q_rows, centroids, counts)
+
+
+def decode_query_rows(q: jax.Array, num_kv_heads: int) -> jax.Array:
+  """Decode queries in the single-pass layout, all of a KV head in one tile.
+
+  Args:
+    q: [B, Hq, D] (or [B, T, Hq, D]: rows are then (b, g, t) triples).
+    num_kv_heads: Hkv.
+
+  Returns:
+    [Hkv, Mp, D] in q.dtype: row m = (b * G + g) * T + t, zero rows up to
+    Mp = the next power of two >= max(16, B x G x T) (Triton tiles are powers
+    of two).
+  """
+  grouped = queries.group_heads(queries.to_tokens(q), num_kv_heads)
+  batch, tokens, _, group, head_dim = grouped.shape
+  num_rows = batch * group * tokens
+  q_rows = jnp.transpose(grouped, (2, 0, 3, 1, 4)).reshape(
+      num_kv_heads, num_rows, head_dim)
+  padded = max(16, block_sizes_lib.next_power_of_two(num_rows))
+  return jnp.pad(q_rows, ((0, 0), (0, padded - num_rows), (0, 0)))
+
+
+def single_pass_logits(
+    q_rows: jax.Array, centroids: jax.Array, counts: jax.Array, *,
+    num_q_rows: int, sm_scale: float,
+    block_sizes: block_sizes_lib.LookupBlockSizes,
+    interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The decode lookup's one pass over the centroids: logits and lse parts.
+
+  Each program scores `block_sizes.single_pass_tiles` centroid tiles of one KV
+  head for all its query rows (float32 centroids on the tf32 tensor cores).
+
+  Args:
+    q_rows: [Hkv, Mp, D] from `decode_query_rows`.
+    centroids: [Hkv, K, D] float32 or bfloat16.
+    counts: [Hkv, K] int32.
+    num_q_rows: real rows (the rest are padding and are not stored).
+    sm_scale: softmax scale.
+    block_sizes: tiles (block_k, single_pass_tiles, num_warps).
+    interpret: run in the Pallas interpreter.
+
+  Returns:
+    logits: [Hkv, Mp, Kp] float32 q.C * scale (Kp = K rounded up to block_k;
+      padding rows and columns unwritten).
+    lse_parts: [Hkv, Sp, Mp] float32 log-sum-exp of logit + log N over each
+      split's clusters; splits num_splits..Sp - 1 (padding) unwritten, with
+      num_splits = ceil(ceil(K / block_k) / single_pass_tiles).
+  """
+  num_tiles = pl.cdiv(centroids.shape[1], block_sizes.block_k)
+  tiles = dataclasses.replace(
+      block_sizes, block_m=q_rows.shape[1],
+      num_stages=1 if block_sizes.single_pass_tiles == 1 else
+      block_sizes.num_stages)
+  lse_parts, logits = _lse_call(
+      q_rows, centroids, counts, sm_scale=sm_scale, block_sizes=tiles,
+      num_splits=pl.cdiv(num_tiles, block_sizes.single_pass_tiles),
+      with_logits=True, num_q_rows=num_q_rows, dot_dtype=None,
+      interpret=interpret)
+  return logits, lse_parts
+
+
+def num_single_pass_splits(
+    num_clusters: int, block_sizes: block_sizes_lib.LookupBlockSizes) -> int:
+  """Number of written lse parts of `single_pass_logits`."""
+  return pl.cdiv(pl.cdiv(num_clusters, block_sizes.block_k),
+                 block_sizes.single_pass_tiles)
 
 
 def _mean_probs_call(q_rows, lse, weights, centroids, counts, *, sm_scale,
@@ -222,27 +292,21 @@ def centroid_scores(
   block_m = block_sizes.block_m
 
   if num_groups * tokens <= block_sizes.single_pass_max_rows:
-    num_rows = _round_up(num_groups * tokens, 16)
-    block_sizes = dataclasses.replace(block_sizes, block_m=num_rows,
-                                      num_stages=1)
-    q_rows = jnp.transpose(grouped, (2, 0, 3, 1, 4)).reshape(
-        num_kv_heads, num_groups * tokens, head_dim)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, num_rows - num_groups * tokens),
-                              (0, 0)))
-    lse_parts, logits = _lse_call(
-        q_rows, centroids, counts, sm_scale=scale, block_sizes=block_sizes,
-        num_splits=pl.cdiv(num_clusters, block_sizes.block_k),
-        with_logits=True, num_q_rows=num_groups * tokens, dot_dtype=None,
+    num_rows = num_groups * tokens
+    logits, lse_parts = single_pass_logits(
+        decode_query_rows(q, num_kv_heads), centroids, counts,
+        num_q_rows=num_rows, sm_scale=scale, block_sizes=block_sizes,
         interpret=interpret)
-    lse = jax.nn.logsumexp(lse_parts, axis=1)[:, :num_groups * tokens]
-    logits = logits[:, :num_groups * tokens, :num_clusters]
+    num_splits = num_single_pass_splits(num_clusters, block_sizes)
+    lse = jax.nn.logsumexp(lse_parts[:, :num_splits, :num_rows], axis=1)
+    logits = logits[:, :num_rows, :num_clusters]
     probs = jnp.exp(logits - lse[..., None]).reshape(
         num_kv_heads, batch, group, tokens, num_clusters)
     probs = jnp.where(counts[:, None, None, None, :] > 0, probs, 0.0)
     return references.block_scores(jnp.transpose(probs, (1, 0, 2, 3, 4)),
                                    weights)
 
-  padded_tokens = _round_up(tokens, block_m)
+  padded_tokens = block_sizes_lib.round_up(tokens, block_m)
   q_rows = jnp.pad(jnp.transpose(grouped, (2, 0, 3, 1, 4)),
                    ((0, 0), (0, 0), (0, 0), (0, padded_tokens - tokens),
                     (0, 0)))

@@ -9,15 +9,13 @@ all G query heads of the KV head, so each K/V row is read once per GQA group.
 Decode: few query rows, so the row list is cut into splits of `split_rows`
 (split-K); every split is equally long, so heads that keep different counts
 still give equal work units (an empty split returns at once) and the GPU's
-block scheduler balances them. Partials are merged by
-`merge.merge_stacked`, the same math as `merge_partials`.
-Prefill: a chunk of queries, one split, big query tiles.
-The observation window (W contiguous rows, always attended) is read by the
-programs of split 0 before their selected rows, so one call covers the whole
-fixed context and no extra merge is needed. Measured cost (benchmarks/
-RESULTS.md): the kernel variant with the window loop is slower in decode (128K,
-batch 8: 0.93 ms total vs 0.69 ms with the window merged in XLA), while
-prefill is not slowed; giving the window its own programs is the next step.
+block scheduler balances them. The observation window (W contiguous rows,
+always attended) is attended by `window_attention.window_partials` (a window
+loop compiled into this kernel cost it occupancy: benchmarks/RESULTS.md).
+Partials are merged by `merge.merge_stacked`.
+Prefill: a chunk of queries, one split, big query tiles; the window is read by
+that split before its selected rows (occupancy is one program per SM there
+anyway, and no partials need merging).
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from __future__ import annotations
 import functools
 
 import jax
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
@@ -34,30 +31,8 @@ from pallas_kernels import block_sizes as block_sizes_lib
 from pallas_kernels import merge
 from pallas_kernels import queries
 from pallas_kernels import selection as selection_lib
-
-
-def _gather_rows(ref, rows: jax.Array, valid: jax.Array) -> jax.Array:
-  """ref[rows] for a [N, D] ref and [R] row indices; invalid rows read 0."""
-  columns = jnp.arange(ref.shape[-1])[None, :]
-  return plgpu.load(ref.at[rows[:, None], columns], mask=valid[:, None],
-                    other=0.0)
-
-
-def _online_update(q, k, v, valid, carry, sm_scale: float):
-  """One online-softmax step over a block of K/V rows (invalid rows skipped).
-
-  q [block_m, D]; k, v [block_rows, D]; valid [block_rows] bool; carry =
-  (out [block_m, D] f32 unnormalised, top [block_m] running max,
-  total [block_m] running denominator).
-  """
-  out, top, total = carry
-  logits = plgpu.dot(q, k, trans_b=True) * sm_scale
-  logits = jnp.where(valid[None, :], logits, -jnp.inf)
-  new_top = jnp.maximum(top, logits.max(axis=1))
-  probs = jnp.exp(logits - new_top[:, None])
-  rescale = jnp.exp(top - new_top)
-  out = out * rescale[:, None] + plgpu.dot(probs.astype(v.dtype), v)
-  return out, new_top, total * rescale + probs.sum(axis=1)
+from pallas_kernels.gpu import flash_blocks
+from pallas_kernels.gpu import window_attention
 
 
 def _sparse_attention_kernel(num_rows_ref, rows_ref, q_ref, k_ref, v_ref,
@@ -66,52 +41,34 @@ def _sparse_attention_kernel(num_rows_ref, rows_ref, q_ref, k_ref, v_ref,
   """One (sequence x KV head, query tile, split) program.
 
   Refs: num_rows_ref [] int32; rows_ref [R] int32; q_ref [block_m, D];
-  k_ref, v_ref [S', D]; if window: window_k_ref, window_v_ref [W, D] (attended
-  by split 0); out_ref [block_m, D] f32; lse_ref [block_m] f32.
+  k_ref, v_ref [S', D]; if window: window_k_ref, window_v_ref [W, D], all
+  attended before the selected rows (single-split prefill only);
+  out_ref [block_m, D] f32; lse_ref [block_m] f32.
   Only the first num_q_rows query rows are real; padding rows are not stored.
   """
   *window_refs, out_ref, lse_ref = refs
-  split = pl.program_id(2)
-  start = split * split_rows
+  start = pl.program_id(2) * split_rows
   stop = jnp.minimum(num_rows_ref[()], start + split_rows)
-  num_blocks = pl.cdiv(jnp.maximum(stop - start, 0), block_rows)
   q = q_ref[...]
   block_m, head_dim = q.shape
-
-  def window_block(block, carry):
-    window_k_ref, window_v_ref = window_refs
-    first = block * block_rows
-    valid = first + jnp.arange(block_rows) < window
-    rows = pl.ds(first, block_rows)
-    k = plgpu.load(window_k_ref.at[rows], mask=valid[:, None], other=0.0)
-    v = plgpu.load(window_v_ref.at[rows], mask=valid[:, None], other=0.0)
-    return _online_update(q, k, v, valid, carry, sm_scale)
+  real = pl.program_id(1) * block_m + jnp.arange(block_m) < num_q_rows
 
   def selected_block(block, carry):
     first = start + block * block_rows
     valid = first + jnp.arange(block_rows) < stop
     rows = plgpu.load(rows_ref.at[pl.ds(first, block_rows)], mask=valid,
                       other=0)
-    k = _gather_rows(k_ref, rows, valid)
-    v = _gather_rows(v_ref, rows, valid)
-    return _online_update(q, k, v, valid, carry, sm_scale)
+    k = flash_blocks.gather_rows(k_ref, rows, valid)
+    v = flash_blocks.gather_rows(v_ref, rows, valid)
+    return flash_blocks.online_update(q, k, v, valid, carry, sm_scale)
 
-  carry = (jnp.zeros((block_m, head_dim), jnp.float32),
-           jnp.full((block_m,), -jnp.inf, jnp.float32),
-           jnp.zeros((block_m,), jnp.float32))
+  carry = flash_blocks.empty_carry(block_m, head_dim)
   if window:
-    num_window_blocks = (split == 0).astype(jnp.int32) * pl.cdiv(window,
-                                                                 block_rows)
-    carry = lax.fori_loop(0, num_window_blocks, window_block, carry)
-  out, top, total = lax.fori_loop(0, num_blocks, selected_block, carry)
-  real = pl.program_id(1) * block_m + jnp.arange(block_m) < num_q_rows
-  plgpu.store(out_ref, out / jnp.where(total > 0, total, 1.0)[:, None],
-              mask=real[:, None])
-  plgpu.store(lse_ref, top + jnp.log(total), mask=real)
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
+    carry = flash_blocks.attend_contiguous(q, *window_refs, 0, window,
+                                           block_rows, carry, sm_scale)
+  num_blocks = pl.cdiv(jnp.maximum(stop - start, 0), block_rows)
+  carry = jax.lax.fori_loop(0, num_blocks, selected_block, carry)
+  flash_blocks.store_partial(out_ref, lse_ref, carry, real)
 
 
 @functools.partial(jax.jit,
@@ -155,13 +112,14 @@ def sparse_attention(
   num_q_rows = tokens * group
   q_rows = jnp.transpose(grouped, (0, 2, 1, 3, 4)).reshape(
       batch * num_kv_heads, num_q_rows, head_dim)
-  q_rows_padded = _round_up(num_q_rows, block_sizes.block_m)
+  q_rows_padded = block_sizes_lib.round_up(num_q_rows, block_sizes.block_m)
   q_rows = jnp.pad(q_rows, ((0, 0), (0, q_rows_padded - num_q_rows), (0, 0)))
   q_rows = q_rows.astype(keys.dtype)
 
-  max_rows = _round_up(selection.max_rows, block_sizes.block_rows)
+  max_rows = block_sizes_lib.round_up(selection.max_rows,
+                                      block_sizes.block_rows)
   split_rows = min(block_sizes.split_rows or max_rows, max_rows)
-  max_rows = _round_up(max_rows, split_rows)
+  max_rows = block_sizes_lib.round_up(max_rows, split_rows)
   rows = jnp.pad(selection.rows, ((0, 0), (0, 0),
                                   (0, max_rows - selection.max_rows)))
   rows = rows.reshape(batch * num_kv_heads, max_rows)
@@ -169,16 +127,19 @@ def sparse_attention(
   num_splits = max_rows // split_rows
   grid = (batch * num_kv_heads, q_rows_padded // block_sizes.block_m,
           num_splits)
-
   window = 0 if window_keys is None else window_keys.shape[1]
-  kernel = functools.partial(_sparse_attention_kernel, sm_scale=scale,
-                             block_rows=block_sizes.block_rows,
-                             split_rows=split_rows, num_q_rows=num_q_rows,
-                             window=window)
-  head_spec = lambda rows: pl.BlockSpec(
-      (None, rows, head_dim), lambda bh, i, s: (bh % num_kv_heads, 0, 0))
   window_inputs = [] if window == 0 else [window_keys.astype(keys.dtype),
                                           window_values.astype(keys.dtype)]
+  # Decode (split-K): the window in a kernel of its own; prefill: in here.
+  separate_window = bool(window) and block_sizes.split_rows is not None
+  kernel_window_inputs = [] if separate_window else window_inputs
+
+  kernel = functools.partial(
+      _sparse_attention_kernel, sm_scale=scale,
+      block_rows=block_sizes.block_rows, split_rows=split_rows,
+      num_q_rows=num_q_rows, window=window if kernel_window_inputs else 0)
+  head_spec = lambda rows: pl.BlockSpec(
+      (None, rows, head_dim), lambda bh, i, s: (bh % num_kv_heads, 0, 0))
   out, lse = pl.pallas_call(
       kernel,
       grid=grid,
@@ -189,7 +150,7 @@ def sparse_attention(
                        lambda bh, i, s: (bh, i, 0)),
           head_spec(num_keys),
           head_spec(num_keys),
-      ] + [head_spec(window)] * len(window_inputs),
+      ] + [head_spec(window)] * len(kernel_window_inputs),
       out_specs=[
           pl.BlockSpec((None, None, block_sizes.block_m, head_dim),
                        lambda bh, i, s: (s, bh, i, 0)),
@@ -207,7 +168,17 @@ def sparse_attention(
           num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
       interpret=interpret,
       name="squeezed_sparse_attention",
-  )(num_rows, rows, q_rows, keys, values, *window_inputs)
+  )(num_rows, rows, q_rows, keys, values, *kernel_window_inputs)
+  if separate_window:
+    tiles = q_rows_padded // block_sizes.block_m
+    window_out, window_lse = window_attention.window_partials(
+        q_rows.reshape(-1, block_sizes.block_m, head_dim), *window_inputs,
+        tiles_per_head=tiles, num_q_rows=num_q_rows, sm_scale=scale,
+        block_rows=block_sizes.block_rows, window_rows=split_rows,
+        interpret=interpret)
+    out = jnp.concatenate([out, window_out.reshape(-1, *out.shape[1:])])
+    lse = jnp.concatenate([lse, window_lse.reshape(-1, *lse.shape[1:])])
+    num_splits = out.shape[0]
   out, lse = out[:, :, :num_q_rows], lse[:, :, :num_q_rows]
   if num_splits > 1:
     out, lse = merge.merge_stacked(out, lse, axis=0)

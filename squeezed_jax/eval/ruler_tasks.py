@@ -19,6 +19,10 @@ Tasks (`TASKS`), after RULER (NVIDIA/RULER):
     the variables holding the first chain's value are asked.
   common_words: a numbered list where a few words repeat many times; the most common are asked.
 
+The haystack tasks first draw what they hide and ask (`HiddenFacts`, from the public `*_facts`
+helpers) and then place it in a text haystack; token-level builders (the training data of
+`squeezed_jax.training`) place the same facts in a haystack of token ids.
+
 Scorers: `ruler_score` (RULER's string_match_all: the fraction of answers found in the prediction)
 and `string_match_part` (RULER's string_match_part: 1 if any answer is found), both ignoring case.
 """
@@ -30,7 +34,7 @@ import functools
 import random
 import re
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from squeezed_jax.eval.haystack import TextTokenizer, haystack_for, largest_fitting_size
 
@@ -44,6 +48,7 @@ COMMON_WORDS_INTRO = ("Below is a numbered list of words. Some of them appear mo
                       "others. Memorize the ones that appear most often.\n")
 
 _WORD = re.compile(r"\b[a-z]{3,}\b")
+Part = TypeVar("Part")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +73,12 @@ def prompt_num_tokens(tokenizer: TextTokenizer, context: str, question: str) -> 
 
 
 @functools.lru_cache(maxsize=4)
-def _vocabulary(sentences: tuple[str, ...]) -> tuple[str, ...]:
-  """The distinct lowercase words (3+ letters) of `sentences`, sorted."""
+def essay_vocabulary(sentences: tuple[str, ...]) -> tuple[str, ...]:
+  """The distinct lowercase words (3+ letters) of `sentences`, sorted (keys are made of them)."""
   return tuple(sorted({word for sentence in sentences for word in _WORD.findall(sentence)}))
 
 
-def _random_keys(rng: random.Random, vocabulary: Sequence[str], count: int) -> list[str]:
+def random_keys(rng: random.Random, vocabulary: Sequence[str], count: int) -> list[str]:
   """`count` distinct "<word>-<word>" keys."""
   keys: list[str] = []
   while len(keys) < count:
@@ -83,7 +88,7 @@ def _random_keys(rng: random.Random, vocabulary: Sequence[str], count: int) -> l
   return keys
 
 
-def _distinct_numbers(rng: random.Random, count: int, digits: int) -> list[str]:
+def distinct_numbers(rng: random.Random, count: int, digits: int) -> list[str]:
   """`count` distinct numbers of exactly `digits` digits, as strings."""
   return [str(n) for n in rng.sample(range(10**(digits - 1), 10**digits), count)]
 
@@ -93,13 +98,13 @@ def _random_uuid(rng: random.Random) -> str:
   return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def _insert_needles(
-    intro: str, run: Sequence[str], needles: Sequence[str], depths: Sequence[float]
-) -> tuple[str, list[int]]:
-  """The context `intro + sentences with needles + "\\n"` and the needles' character offsets.
+def interleave_needles(
+    run: Sequence[Part], needles: Sequence[Part], depths: Sequence[float]
+) -> tuple[list[Part], list[int]]:
+  """The haystack `run` with `needles` inserted, and the needles' indices in it.
 
-  Needle i goes before sentence `round(depths[i] * len(run))` of the run; `depths` is sorted, so
-  needles keep their order.
+  Needle i goes before item `round(depths[i] * len(run))` of the run (a sentence, as text or as
+  token ids); `depths` is sorted, so needles keep their order.
   """
   positions = [round(depth * len(run)) for depth in depths]
   parts, needle_parts = [], []
@@ -111,6 +116,14 @@ def _insert_needles(
       needle += 1
     if index < len(run):
       parts.append(run[index])
+  return parts, needle_parts
+
+
+def _insert_needles(
+    intro: str, run: Sequence[str], needles: Sequence[str], depths: Sequence[float]
+) -> tuple[str, list[int]]:
+  """The context `intro + sentences with needles + "\\n"` and the needles' character offsets."""
+  parts, needle_parts = interleave_needles(run, needles, depths)
   part_offsets, offset = [], len(intro)
   for part in parts:
     part_offsets.append(offset)
@@ -124,13 +137,34 @@ def _too_small(task: str, error: ValueError) -> ValueError:
   return ValueError(f"task {task!r}: {error}")
 
 
-def _haystack_example(
-    task: str, *, tokenizer: TextTokenizer, num_tokens: int, rng: random.Random, intro: str,
-    needles: list[str], question: str, answers: list[str], metadata: dict[str, Any]
+@dataclasses.dataclass(frozen=True)
+class HiddenFacts:
+  """What a haystack task hides and asks, drawn before any haystack is chosen.
+
+  intro: the text before the haystack; needles: the texts hidden in it, in order; question: the
+  user input; answers: the expected strings; metadata: task-specific facts (keys, chains, ...).
+  Text-level examples (`make_example`) and token-level ones (e.g. training data) place the same
+  facts in a haystack.
+  """
+  intro: str
+  needles: list[str]
+  question: str
+  answers: list[str]
+  metadata: dict[str, Any]
+
+
+def haystack_example(
+    task: str, *, tokenizer: TextTokenizer, num_tokens: int, rng: random.Random,
+    facts: HiddenFacts
 ) -> TaskExample:
-  """`needles` at `rng`-drawn depths in the longest essay haystack that fits `num_tokens`."""
+  """`facts` placed in an essay haystack: the `task` example of the longest haystack that fits.
+
+  The haystack's first sentence and the needles' depths are drawn from `rng`; the length is
+  measured as the module docstring says. ValueError if `num_tokens` cannot hold the facts.
+  """
   haystack = haystack_for(tokenizer)
   start = haystack.random_start(rng)
+  intro, needles, question = facts.intro, facts.needles, facts.question
   depths = sorted(rng.random() for _ in needles)
 
   def num_tokens_of_run(run: list[str]) -> int:
@@ -143,90 +177,71 @@ def _haystack_example(
     raise _too_small(task, e) from None
   context, offsets = _insert_needles(intro, haystack.sentence_run(start, count), needles, depths)
   return TaskExample(
-      task=task, context=context, question=question, answers=answers,
-      metadata=dict(metadata, needles=needles, needle_offsets=offsets, depths=depths,
+      task=task, context=context, question=question, answers=facts.answers,
+      metadata=dict(facts.metadata, needles=needles, needle_offsets=offsets, depths=depths,
                     haystack_start=start, haystack_sentences=count,
                     prompt_tokens=prompt_num_tokens(tokenizer, context, question)))
 
 
-def _magic_number_needle(key: str, value: str) -> str:
+def magic_number_needle(key: str, value: str) -> str:
+  """The needle sentence hiding `value` under `key`."""
   return f"The special magic number for {key} is {value}."
 
 
-def single_needle(*, num_tokens: int, tokenizer: TextTokenizer, seed: int) -> TaskExample:
-  """One magic-number needle; the answer is its 7-digit value."""
-  return _keyed_needles("single_needle", num_tokens=num_tokens, tokenizer=tokenizer, seed=seed,
-                        num_keys=1)
+def magic_number_question(key: str) -> str:
+  """The question asking for the magic number of `key`, ending where the answer starts."""
+  return (f"What is the special magic number for {key} mentioned in the provided text? "
+          f"The special magic number for {key} mentioned in the provided text is")
 
 
-def multi_key_needle(
-    *, num_tokens: int, tokenizer: TextTokenizer, seed: int, num_keys: int = 4
-) -> TaskExample:
-  """`num_keys` magic-number needles with distinct keys; one key's value is asked."""
-  return _keyed_needles("multi_key_needle", num_tokens=num_tokens, tokenizer=tokenizer, seed=seed,
-                        num_keys=num_keys)
-
-
-def _keyed_needles(
-    task: str, *, num_tokens: int, tokenizer: TextTokenizer, seed: int, num_keys: int
-) -> TaskExample:
+def keyed_needles_facts(
+    rng: random.Random, vocabulary: Sequence[str], *, num_keys: int
+) -> HiddenFacts:
   """`num_keys` magic-number needles with distinct keys, of which one is asked."""
-  rng = random.Random(seed)
-  keys = _random_keys(rng, _vocabulary(haystack_for(tokenizer).sentences), num_keys)
-  values = _distinct_numbers(rng, num_keys, digits=7)
+  keys = random_keys(rng, vocabulary, num_keys)
+  values = distinct_numbers(rng, num_keys, digits=7)
   asked = rng.randrange(num_keys)
-  question = (f"What is the special magic number for {keys[asked]} mentioned in the provided "
-              f"text? The special magic number for {keys[asked]} mentioned in the provided text is")
-  return _haystack_example(
-      task, tokenizer=tokenizer, num_tokens=num_tokens, rng=rng, intro=NEEDLE_INTRO,
-      needles=[_magic_number_needle(k, v) for k, v in zip(keys, values)], question=question,
-      answers=[values[asked]], metadata={"keys": keys, "asked_key": keys[asked]})
+  return HiddenFacts(
+      intro=NEEDLE_INTRO, needles=[magic_number_needle(k, v) for k, v in zip(keys, values)],
+      question=magic_number_question(keys[asked]), answers=[values[asked]],
+      metadata={"keys": keys, "asked_key": keys[asked]})
 
 
-def multi_value_needle(
-    *, num_tokens: int, tokenizer: TextTokenizer, seed: int, num_values: int = 4
-) -> TaskExample:
+def multi_value_needle_facts(
+    rng: random.Random, vocabulary: Sequence[str], *, num_values: int
+) -> HiddenFacts:
   """`num_values` magic-number needles for one key; all values are asked."""
-  rng = random.Random(seed)
-  (key,) = _random_keys(rng, _vocabulary(haystack_for(tokenizer).sentences), 1)
-  values = _distinct_numbers(rng, num_values, digits=7)
+  (key,) = random_keys(rng, vocabulary, 1)
+  values = distinct_numbers(rng, num_values, digits=7)
   question = (f"What are all the special magic numbers for {key} mentioned in the provided text? "
               f"The special magic numbers for {key} mentioned in the provided text are")
-  return _haystack_example(
-      "multi_value_needle", tokenizer=tokenizer, num_tokens=num_tokens, rng=rng,
-      intro=NEEDLE_INTRO, needles=[_magic_number_needle(key, v) for v in values],
+  return HiddenFacts(
+      intro=NEEDLE_INTRO, needles=[magic_number_needle(key, v) for v in values],
       question=question, answers=values, metadata={"keys": [key], "asked_key": key})
 
 
-def kv_lookup(
-    *, num_tokens: int, tokenizer: TextTokenizer, seed: int, num_pairs: int = 16
-) -> TaskExample:
-  """A JSON object of `num_pairs` UUID -> UUID pairs in the haystack; one key's value is asked."""
-  rng = random.Random(seed)
+def kv_lookup_facts(rng: random.Random, *, num_pairs: int) -> HiddenFacts:
+  """A JSON object of `num_pairs` UUID -> UUID pairs (one needle); one key's value is asked."""
   pairs = [(_random_uuid(rng), _random_uuid(rng)) for _ in range(num_pairs)]
   key, value = pairs[rng.randrange(num_pairs)]
   json_object = "JSON data: {" + ", ".join(f'"{k}": "{v}"' for k, v in pairs) + "}"
   question = (f'What is the value of the key "{key}" in the JSON object? '
               f'The value of the key "{key}" is')
-  return _haystack_example(
-      "kv_lookup", tokenizer=tokenizer, num_tokens=num_tokens, rng=rng, intro=KV_INTRO,
-      needles=[json_object], question=question, answers=[value],
-      metadata={"asked_key": key, "num_pairs": num_pairs})
+  return HiddenFacts(intro=KV_INTRO, needles=[json_object], question=question, answers=[value],
+                     metadata={"asked_key": key, "num_pairs": num_pairs})
 
 
-def variable_tracking(
-    *, num_tokens: int, tokenizer: TextTokenizer, seed: int, num_chains: int = 1,
-    num_hops: int = 4
-) -> TaskExample:
+def variable_tracking_facts(
+    rng: random.Random, *, num_chains: int, num_hops: int
+) -> HiddenFacts:
   """`num_chains` assignment chains of `num_hops` hops; the first chain's variables are asked."""
-  rng = random.Random(seed)
   names: list[str] = []
   while len(names) < num_chains * (num_hops + 1):
     name = "".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=5))
     if name not in names:
       names.append(name)
   chains = [names[c * (num_hops + 1):(c + 1) * (num_hops + 1)] for c in range(num_chains)]
-  values = _distinct_numbers(rng, num_chains, digits=5)
+  values = distinct_numbers(rng, num_chains, digits=5)
   statements = [
       [f"VAR {chain[0]} = {value}."] +
       [f"VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, num_hops + 1)]
@@ -241,10 +256,60 @@ def variable_tracking(
   question = (f"Find all variables that are assigned the value {values[0]} in the text above, "
               f"directly or through other variables. Answer: The {num_hops + 1} variables "
               f"assigned the value {values[0]} are:")
-  return _haystack_example(
-      "variable_tracking", tokenizer=tokenizer, num_tokens=num_tokens, rng=rng,
-      intro=VARIABLE_INTRO, needles=needles, question=question, answers=chains[0],
-      metadata={"chains": chains, "values": values})
+  return HiddenFacts(intro=VARIABLE_INTRO, needles=needles, question=question,
+                     answers=chains[0], metadata={"chains": chains, "values": values})
+
+
+def _vocabulary_of(tokenizer: TextTokenizer) -> tuple[str, ...]:
+  return essay_vocabulary(haystack_for(tokenizer).sentences)
+
+
+def single_needle(*, num_tokens: int, tokenizer: TextTokenizer, seed: int) -> TaskExample:
+  """One magic-number needle; the answer is its 7-digit value."""
+  rng = random.Random(seed)
+  facts = keyed_needles_facts(rng, _vocabulary_of(tokenizer), num_keys=1)
+  return haystack_example("single_needle", tokenizer=tokenizer, num_tokens=num_tokens, rng=rng,
+                           facts=facts)
+
+
+def multi_key_needle(
+    *, num_tokens: int, tokenizer: TextTokenizer, seed: int, num_keys: int = 4
+) -> TaskExample:
+  """`num_keys` magic-number needles with distinct keys; one key's value is asked."""
+  rng = random.Random(seed)
+  facts = keyed_needles_facts(rng, _vocabulary_of(tokenizer), num_keys=num_keys)
+  return haystack_example("multi_key_needle", tokenizer=tokenizer, num_tokens=num_tokens,
+                           rng=rng, facts=facts)
+
+
+def multi_value_needle(
+    *, num_tokens: int, tokenizer: TextTokenizer, seed: int, num_values: int = 4
+) -> TaskExample:
+  """`num_values` magic-number needles for one key; all values are asked."""
+  rng = random.Random(seed)
+  facts = multi_value_needle_facts(rng, _vocabulary_of(tokenizer), num_values=num_values)
+  return haystack_example("multi_value_needle", tokenizer=tokenizer, num_tokens=num_tokens,
+                           rng=rng, facts=facts)
+
+
+def kv_lookup(
+    *, num_tokens: int, tokenizer: TextTokenizer, seed: int, num_pairs: int = 16
+) -> TaskExample:
+  """A JSON object of `num_pairs` UUID -> UUID pairs in the haystack; one key's value is asked."""
+  rng = random.Random(seed)
+  return haystack_example("kv_lookup", tokenizer=tokenizer, num_tokens=num_tokens, rng=rng,
+                           facts=kv_lookup_facts(rng, num_pairs=num_pairs))
+
+
+def variable_tracking(
+    *, num_tokens: int, tokenizer: TextTokenizer, seed: int, num_chains: int = 1,
+    num_hops: int = 4
+) -> TaskExample:
+  """`num_chains` assignment chains of `num_hops` hops; the first chain's variables are asked."""
+  rng = random.Random(seed)
+  facts = variable_tracking_facts(rng, num_chains=num_chains, num_hops=num_hops)
+  return haystack_example("variable_tracking", tokenizer=tokenizer, num_tokens=num_tokens,
+                           rng=rng, facts=facts)
 
 
 def common_words(
@@ -259,7 +324,7 @@ def common_words(
   if not common_freq > uncommon_freq >= 1:
     raise ValueError(f"need {common_freq=} > {uncommon_freq=} >= 1")
   rng = random.Random(seed)
-  words = list(_vocabulary(haystack_for(tokenizer).sentences))
+  words = list(_vocabulary_of(tokenizer))
   rng.shuffle(words)
   common, uncommon = words[:num_common], words[num_common:]
   shuffle_seed = rng.getrandbits(64)

@@ -1,0 +1,283 @@
+"""Decode attention with the threshold selection fused in, Pallas GPU.
+
+Decode re-selects clusters at every token and layer, so what happens between
+the lookup and the attention is paid per token: the row-list path
+(`select_clusters`, then `sparse_attention`) spends 12 small XLA kernels
+(~35 us at S = 128K, batch 1: benchmarks/RESULTS.md) on the normaliser, the
+comparison and the compaction (cumulative sums and a scatter over the R-slot
+list). Here three Pallas kernels (four with the hierarchical lookup) do the
+lookup and the attention, around XLA's padding of q and merge of partials:
+
+1. the lookup's single pass (`centroid_scores.single_pass_logits`): logits
+   q.C [Hkv, M, K] and per-split log-sum-exps (or, hierarchical, the coarse
+   pass and `hierarchical_scores.fine_logits`);
+2. this kernel, one program per (sequence x KV head, chunk of
+   `block_clusters` consecutive clusters): it finishes the normaliser from the
+   lse parts, computes s_j = exp(logit_j - lse) for the G query heads of its
+   sequence, keeps cluster j iff max_g s_j > tau (and N_j > 0), compacts the
+   kept clusters of the chunk in registers (a cumulative sum of their sizes),
+   and walks their rows: slot r of the chunk's list is row
+   offsets[c] + r - start[c] of the kept cluster c with
+   start[c] <= r < start[c] + N_c (a [block_rows, block_clusters] compare,
+   no sort, no scatter, no row list in memory). Each program gathers only the
+   rows of its own chunk, so no global compaction is needed; chunks of heads
+   that keep many rows are simply longer programs, and the grid (thousands of
+   programs) balances them;
+3. the observation window's partials (`window_attention`), then XLA merges
+   all partials by log-sum-exp (`merge.merge_stacked`).
+
+Unlike the row-list path there is no row cap: every kept cluster is read.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+from pallas_kernels import block_sizes as block_sizes_lib
+from pallas_kernels import merge
+from pallas_kernels import queries
+from pallas_kernels.gpu import centroid_scores as gpu_scores
+from pallas_kernels.gpu import flash_blocks
+from pallas_kernels.gpu import hierarchical_scores
+from pallas_kernels.gpu import window_attention
+
+
+def _kept_cluster_rows(slots: jax.Array, starts: jax.Array, ends: jax.Array,
+                       shifts: jax.Array) -> jax.Array:
+  """Row of each slot of a compacted list of kept clusters.
+
+  slots [R] int32; starts, ends [C] slot range of each cluster (empty for
+  clusters not kept); shifts [C] = first row - start. Returns [R] int32
+  (slot + shift of the cluster holding it; the slot itself if none does).
+  """
+  hit = (starts[None, :] <= slots[:, None]) & (slots[:, None] < ends[None, :])
+  return slots + jnp.where(hit, shifts[None, :], 0).sum(axis=1)
+
+
+def _decode_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
+                   offsets_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, kept_ref,
+                   rows_ref, *, sm_scale: float, num_kv_heads: int, group: int,
+                   num_lookup_parts: int, num_clusters: int, block_rows: int):
+  """One (sequence x KV head, chunk) program.
+
+  Refs: threshold_ref [] f32; lse_parts_ref [Sp, Mp]; logits_ref [Mp, Kp]
+  (rows m = b * G + g of this KV head); counts_ref [K]; offsets_ref [K + 1];
+  q_ref [Mp, D]; k_ref, v_ref [S', D]. Outputs: out_ref [Gq, D] f32 and
+  lse_ref [Gq] (the partial of this chunk for the G query heads, padded to
+  Gq rows); kept_ref [C] int32 (1 = kept); rows_ref [] int32 (rows read).
+  """
+  chunk = pl.program_id(1)
+  q_block, head_dim = out_ref.shape
+  block_clusters = kept_ref.shape[0]
+  real = jnp.arange(q_block) < group
+  first_row = (pl.program_id(0) // num_kv_heads) * group
+  q = plgpu.load(q_ref.at[pl.ds(first_row, q_block)], mask=real[:, None],
+                 other=0.0).astype(k_ref.dtype)
+
+  parts = plgpu.load(lse_parts_ref.at[:, pl.ds(first_row, q_block)],
+                     mask=real[None, :], other=-jnp.inf)
+  part_ids = jnp.arange(parts.shape[0])
+  lse = flash_blocks.masked_logsumexp(
+      parts, (part_ids < num_lookup_parts)[:, None] & real[None, :])
+  first = chunk * block_clusters
+  in_range = first + jnp.arange(block_clusters) < num_clusters
+  logits = plgpu.load(
+      logits_ref.at[pl.ds(first_row, q_block), pl.ds(first, block_clusters)],
+      mask=real[:, None] & in_range[None, :], other=-jnp.inf)
+  probs = jnp.where(real[:, None], jnp.exp(logits - lse[:, None]), 0.0)
+  counts = plgpu.load(counts_ref.at[pl.ds(first, block_clusters)],
+                      mask=in_range, other=0)
+  keep = (probs.max(axis=0) > threshold_ref[()]) & (counts > 0)
+  sizes = jnp.where(keep, counts, 0)
+  ends = jnp.cumsum(sizes)
+  starts = ends - sizes
+  shifts = plgpu.load(offsets_ref.at[pl.ds(first, block_clusters)],
+                      mask=in_range, other=0) - starts
+  total = sizes.sum()
+
+  def block(index, carry):
+    slots = index * block_rows + jnp.arange(block_rows)
+    valid = slots < total
+    rows = _kept_cluster_rows(slots, starts, ends, shifts)
+    k = flash_blocks.gather_rows(k_ref, rows, valid)
+    v = flash_blocks.gather_rows(v_ref, rows, valid)
+    return flash_blocks.online_update(q, k, v, valid, carry, sm_scale)
+
+  carry = lax.fori_loop(0, pl.cdiv(total, block_rows), block,
+                        flash_blocks.empty_carry(q_block, head_dim))
+  flash_blocks.store_partial(out_ref, lse_ref, carry, real)
+  kept_ref[...] = keep.astype(jnp.int32)
+  rows_ref[...] = total
+
+
+def fused_selection_attention(
+    q_rows: jax.Array, logits: jax.Array, lse_parts: jax.Array,
+    num_lookup_parts: int, keys: jax.Array, values: jax.Array,
+    counts: jax.Array, offsets: jax.Array, threshold: float | jax.Array, *,
+    batch: int, group: int, window_keys: jax.Array | None,
+    window_values: jax.Array | None, sm_scale: float,
+    block_sizes: block_sizes_lib.DecodeBlockSizes, interpret: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Selection + attention partials of every chunk, merged.
+
+  Args:
+    q_rows: [Hkv, Mp, D] decode query rows (m = b * G + g).
+    logits: [Hkv, Mp, Kp] q.C * scale (padding unread; -inf = not a
+      candidate).
+    lse_parts: [Hkv, Sp, Mp] log-sum-exp parts of the normaliser, the first
+      num_lookup_parts of them written.
+    num_lookup_parts: number of written parts.
+    keys, values: [Hkv, S', D] cluster-contiguous.
+    counts, offsets: [Hkv, K], [Hkv, K + 1] int32.
+    threshold: tau, keep clusters with sbar > tau.
+    batch, group: B and G.
+    window_keys, window_values: [Hkv, W, D] or None.
+    sm_scale: softmax scale.
+    block_sizes: tiles.
+    interpret: run in the Pallas interpreter.
+
+  Returns:
+    out [B, Hkv, G, D] f32, lse [B, Hkv, G] f32, kept [B, Hkv, K] bool,
+    num_rows [B, Hkv] int32.
+  """
+  num_kv_heads, num_keys, head_dim = keys.shape
+  num_clusters = counts.shape[1]
+  block_clusters = block_sizes.block_clusters
+  num_chunks = pl.cdiv(num_clusters, block_clusters)
+  q_block = max(16, block_sizes_lib.next_power_of_two(group))
+  kernel = functools.partial(
+      _decode_kernel, sm_scale=sm_scale, num_kv_heads=num_kv_heads,
+      group=group, num_lookup_parts=num_lookup_parts,
+      num_clusters=num_clusters, block_rows=block_sizes.block_rows)
+  head = lambda *shape: pl.BlockSpec(
+      (None, *shape), lambda bh, j: (bh % num_kv_heads,) + (0,) * len(shape))
+  out, lse, kept, num_rows = pl.pallas_call(
+      kernel,
+      grid=(batch * num_kv_heads, num_chunks),
+      in_specs=[
+          pl.BlockSpec((None,), lambda bh, j: (0,)),
+          head(*lse_parts.shape[1:]),
+          head(*logits.shape[1:]),
+          head(num_clusters),
+          head(num_clusters + 1),
+          head(*q_rows.shape[1:]),
+          head(num_keys, head_dim),
+          head(num_keys, head_dim),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, q_block, head_dim),
+                       lambda bh, j: (j, bh, 0, 0)),
+          pl.BlockSpec((None, None, q_block), lambda bh, j: (j, bh, 0)),
+          pl.BlockSpec((None, None, block_clusters), lambda bh, j: (j, bh, 0)),
+          pl.BlockSpec((None, None), lambda bh, j: (j, bh)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct(
+              (num_chunks, batch * num_kv_heads, q_block, head_dim),
+              jnp.float32),
+          jax.ShapeDtypeStruct((num_chunks, batch * num_kv_heads, q_block),
+                               jnp.float32),
+          jax.ShapeDtypeStruct(
+              (num_chunks, batch * num_kv_heads, block_clusters), jnp.int32),
+          jax.ShapeDtypeStruct((num_chunks, batch * num_kv_heads), jnp.int32),
+      ],
+      compiler_params=plgpu.CompilerParams(
+          num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
+      interpret=interpret,
+      name="squeezed_decode_attention",
+  )(jnp.asarray(threshold, jnp.float32).reshape(1), lse_parts, logits,
+    counts, offsets, q_rows, keys, values)
+  kept = jnp.moveaxis(kept, 0, 1).reshape(
+      batch, num_kv_heads, num_chunks * block_clusters)[..., :num_clusters]
+  num_rows = num_rows.sum(axis=0).reshape(batch, num_kv_heads)
+  if window_keys is not None:
+    q_tiles = jnp.pad(
+        q_rows[:, :batch * group].reshape(num_kv_heads, batch, group,
+                                          head_dim),
+        ((0, 0), (0, 0), (0, q_block - group), (0, 0)))
+    q_tiles = jnp.swapaxes(q_tiles, 0, 1).reshape(-1, q_block, head_dim)
+    window_out, window_lse = window_attention.window_partials(
+        q_tiles, window_keys.astype(keys.dtype),
+        window_values.astype(keys.dtype), tiles_per_head=1, num_q_rows=group,
+        sm_scale=sm_scale, block_rows=block_sizes.block_rows,
+        window_rows=block_sizes.window_rows, interpret=interpret)
+    out = jnp.concatenate([out, window_out])
+    lse = jnp.concatenate([lse, window_lse])
+  out, lse = merge.merge_stacked(out[:, :, :group], lse[:, :, :group], axis=0)
+  return (out.reshape(batch, num_kv_heads, group, head_dim),
+          lse.reshape(batch, num_kv_heads, group), kept > 0, num_rows)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("sm_scale", "block_sizes", "interpret"))
+def squeezed_decode_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, centroids: jax.Array,
+    counts: jax.Array, offsets: jax.Array, threshold: float | jax.Array, *,
+    window_keys: jax.Array | None = None,
+    window_values: jax.Array | None = None,
+    coarse_centroids: jax.Array | None = None,
+    coarse_counts: jax.Array | None = None,
+    coarse_offsets: jax.Array | None = None,
+    coarse_threshold: float | jax.Array | None = None,
+    sm_scale: float | None = None,
+    block_sizes: block_sizes_lib.DecodeBlockSizes | None = None,
+    interpret: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
+  """Lookup, threshold selection and attention of one decode step.
+
+  See `pallas_kernels.squeezed_decode_attention`.
+
+  Args:
+    q: [B, Hq, D] one token per sequence, post-RoPE.
+    keys, values: [Hkv, S', D] cluster-contiguous.
+    centroids, counts, offsets: [Hkv, K, D], [Hkv, K], [Hkv, K + 1].
+    threshold: keep fine clusters with sbar > threshold.
+    window_keys, window_values: [Hkv, W, D] or None.
+    coarse_centroids, coarse_counts, coarse_offsets, coarse_threshold: the
+      coarse level ([Hkv, Kc, D], [Hkv, Kc], [Hkv, Kc + 1], scalar) for the
+      hierarchical lookup, or all None for the flat one.
+    sm_scale: softmax scale, 1 / sqrt(D) if None.
+    block_sizes: tiles, `DecodeBlockSizes()` if None.
+    interpret: run the kernels in the Pallas interpreter.
+
+  Returns:
+    out [B, Hq, D] in q.dtype, lse [B, Hq] f32, kept clusters [B, Hkv, K]
+    bool, rows read [B, Hkv] int32, kept coarse clusters [B, Hkv, Kc] bool
+    (None for the flat lookup).
+  """
+  if not queries.is_decode(q):
+    raise ValueError(f"{q.shape=} must be decode queries [B, Hq, D]")
+  block_sizes = block_sizes or block_sizes_lib.DecodeBlockSizes()
+  scale = queries.default_scale(q.shape[-1], sm_scale)
+  num_kv_heads = keys.shape[0]
+  batch, num_heads, _ = q.shape
+  group = num_heads // num_kv_heads
+  q_rows = gpu_scores.decode_query_rows(q, num_kv_heads)
+  counts = counts.astype(jnp.int32)
+  offsets = offsets.astype(jnp.int32)
+  lookup = block_sizes.lookup
+  kept_coarse = None
+  if coarse_centroids is None:
+    logits, lse_parts = gpu_scores.single_pass_logits(
+        q_rows, centroids, counts, num_q_rows=batch * group, sm_scale=scale,
+        block_sizes=lookup, interpret=interpret)
+    num_parts = gpu_scores.num_single_pass_splits(centroids.shape[1], lookup)
+  else:
+    logits, lse_parts, num_parts, kept_coarse = hierarchical_scores.fine_logits(
+        q_rows, centroids, counts, coarse_centroids,
+        coarse_counts.astype(jnp.int32), coarse_offsets.astype(jnp.int32),
+        coarse_threshold, batch=batch, group=group, sm_scale=scale,
+        block_sizes=block_sizes, interpret=interpret)
+  out, lse, kept, num_rows = fused_selection_attention(
+      q_rows, logits, lse_parts, num_parts, keys, values, counts, offsets,
+      threshold, batch=batch, group=group, window_keys=window_keys,
+      window_values=window_values, sm_scale=scale, block_sizes=block_sizes,
+      interpret=interpret)
+  out = out.reshape(batch, num_heads, -1).astype(q.dtype)
+  return out, lse.reshape(batch, num_heads), kept, num_rows, kept_coarse

@@ -1,0 +1,128 @@
+"""The fused GPU decode path (gpu/decode_attention.py, hierarchical_scores.py,
+window_attention.py) vs the float32 references, in interpret mode.
+
+Tolerances as in test_pallas_gpu.py: lse to 1e-4; outputs to 1e-2 with bf16
+K/V (softmax weights rounded to bf16 before P.V), 1e-5 with float32. The kept
+clusters must equal the reference's exactly (thresholds are quantiles of the
+reference scores, far from any score in float32 rounding terms).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import block_sizes
+from pallas_kernels import references
+from pallas_kernels import selection
+from pallas_kernels import synthetic
+from pallas_kernels.gpu import decode_attention
+
+NUM_KV_HEADS, NUM_KEYS, NUM_CLUSTERS, NUM_COARSE, WINDOW = 2, 300, 23, 5, 37
+# Chunks of 8 clusters (the last one partial), 3 window programs, coarse
+# chunks of 16 (partial), lookup tiles of 16 centroids two per program.
+TILES = block_sizes.DecodeBlockSizes(
+    block_clusters=8, block_rows=16, window_rows=16, coarse_block=16,
+    fine_block=16, lookup=block_sizes.LookupBlockSizes(
+        block_k=16, single_pass_max_rows=16, single_pass_tiles=2))
+
+
+def _inputs(batch, group, head_dim, dtype, window):
+  ctx = synthetic.clustered_context(
+      jax.random.key(head_dim + group), num_kv_heads=NUM_KV_HEADS,
+      num_keys=NUM_KEYS, num_clusters=NUM_CLUSTERS, head_dim=head_dim,
+      dtype=dtype)
+  coarse = synthetic.coarse_level(jax.random.key(3), ctx.centroids,
+                                  ctx.counts, NUM_COARSE)
+  q = jax.random.normal(jax.random.key(batch * 7 + group),
+                        (batch, NUM_KV_HEADS * group, head_dim), dtype)
+  window_kv = ()
+  if window:
+    window_kv = tuple(jax.random.normal(
+        jax.random.key(5), (2, NUM_KV_HEADS, WINDOW, head_dim), dtype))
+  return ctx, coarse, q, window_kv
+
+
+def _check(q, ctx, window_kv, scores, tau, out, lse, kept, num_rows):
+  """Outputs vs reference attention over the clusters with scores > tau."""
+  want = selection.select_clusters(scores, ctx.counts, ctx.offsets,
+                                   max_rows=NUM_KEYS, threshold=tau)
+  np.testing.assert_array_equal(kept, want.clusters)
+  np.testing.assert_array_equal(num_rows, want.num_rows)
+  want_out, want_lse = references.attention_with_window(
+      q, ctx.keys, ctx.values, selection.key_mask(want, NUM_KEYS), *window_kv)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  tol = 1e-5 if q.dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(want_out, np.float32), rtol=tol,
+                             atol=tol)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-4)
+  return want
+
+
+@pytest.mark.parametrize(
+    "batch,group,head_dim,dtype,window",
+    [
+        (3, 4, 64, jnp.bfloat16, True),
+        (2, 1, 128, jnp.float32, False),
+    ])
+def test_flat_lookup(batch, group, head_dim, dtype, window):
+  """Ragged, full and empty selections (one compilation: tau is traced)."""
+  ctx, _, q, window_kv = _inputs(batch, group, head_dim, dtype, window)
+  scores = references.centroid_scores(q, ctx.centroids, ctx.counts)
+  for which, tau in (("ragged", float(jnp.quantile(scores, 0.6))),
+                     ("all", -1.0), ("none", 1.0)):
+    out, lse, kept, num_rows, kept_coarse = (
+        decode_attention.squeezed_decode_attention(
+            q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
+            tau, window_keys=window_kv[0] if window else None,
+            window_values=window_kv[1] if window else None,
+            block_sizes=TILES, interpret=True))
+    want = _check(q, ctx, window_kv, scores, tau, out, lse, kept, num_rows)
+    assert kept_coarse is None
+    if which == "ragged":
+      assert len(np.unique(np.asarray(want.num_rows))) > 1
+    if which == "all":
+      np.testing.assert_array_equal(num_rows, NUM_KEYS)
+    if which == "none":
+      np.testing.assert_array_equal(num_rows, 0)
+    if which == "none" and not window:
+      assert np.isneginf(np.asarray(lse)).all()
+      np.testing.assert_array_equal(np.asarray(out, np.float32), 0.0)
+
+
+@pytest.mark.parametrize(
+    "batch,group,head_dim,dtype,window",
+    [
+        (2, 4, 64, jnp.bfloat16, True),
+        (3, 1, 128, jnp.float32, False),
+    ])
+def test_hierarchical_lookup(batch, group, head_dim, dtype, window):
+  ctx, coarse, q, window_kv = _inputs(batch, group, head_dim, dtype, window)
+  coarse_scores = references.centroid_scores(q, coarse[0], coarse[1])
+  coarse_tau = float(jnp.quantile(coarse_scores, 0.5))
+  scores, want_coarse = references.hierarchical_centroid_scores(
+      q, ctx.centroids, ctx.counts, *coarse, coarse_threshold=coarse_tau)
+  assert 0 < np.asarray(want_coarse).sum() < want_coarse.size
+  tau = float(jnp.quantile(scores[scores > 0], 0.5))
+  out, lse, kept, num_rows, kept_coarse = (
+      decode_attention.squeezed_decode_attention(
+          q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
+          tau, window_keys=window_kv[0] if window else None,
+          window_values=window_kv[1] if window else None,
+          coarse_centroids=coarse[0], coarse_counts=coarse[1],
+          coarse_offsets=coarse[2], coarse_threshold=coarse_tau,
+          block_sizes=TILES, interpret=True))
+  np.testing.assert_array_equal(kept_coarse, want_coarse)
+  _check(q, ctx, window_kv, scores, tau, out, lse, kept, num_rows)
+
+
+def test_prefill_queries_are_rejected():
+  ctx, _, _, _ = _inputs(1, 1, 64, jnp.float32, False)
+  q = jnp.ones((1, 3, NUM_KV_HEADS, 64))
+  with pytest.raises(ValueError, match="decode queries"):
+    decode_attention.squeezed_decode_attention(
+        q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets, 0.1,
+        interpret=True)
