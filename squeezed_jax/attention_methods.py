@@ -133,22 +133,29 @@ def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   return selection, summary, overflow | (wanted > config.max_rows)
 
 
-def _dense_context_attention(config: MethodConfig, q: jax.Array,
-                             layer: ContextLayer) -> tuple[jax.Array, jax.Array]:
-  """Attention to every fixed-context key, by the faster of two exact paths (H200, 128K):
+def _dense_through_kernel(q: jax.Array) -> bool:
+  """Whether `dense` takes the faster of its two exact paths (H200, 128K) through the kernel.
 
-  * one query per sequence and several sequences (batched decode): XLA attention, which reads
-    the context once for the whole batch (1.7 ms per layer at batch 8, against 4.3 ms below);
-  * otherwise (one query, or question prefill): the sparse kernel with every row selected, the
-    batch's queries folded into one sequence (1.0 ms per layer for one query, against 2.0 ms).
+  * one query, or question prefill: the sparse kernel with every row selected, the batch's
+    queries folded into one sequence (`_every_row_attention`: 1.0 ms per layer for one query,
+    against 2.0 ms for XLA);
+  * one query per sequence and several sequences (batched decode): XLA attention, which reads the
+    context once for the whole batch (1.7 ms per layer at batch 8, against 4.3 ms for the kernel).
+
+  q: [B, T, Hq, D].
+  """
+  batch, tokens = q.shape[:2]
+  return tokens > 1 or batch == 1
+
+
+def _every_row_attention(config: MethodConfig, q: jax.Array,
+                         layer: ContextLayer) -> tuple[jax.Array, jax.Array]:
+  """Attention to every fixed-context key through the sparse kernel with all rows selected, the
+  batch's queries folded into one sequence so that the context is read once for all of them.
 
   q: [B, T, Hq, D]. Returns (out [B, T, Hq, D], lse [B, T, Hq] float32).
   """
   batch, tokens, num_heads, head_dim = q.shape
-  if tokens == 1 and batch > 1:
-    clustered = baselines.masked_attention(q, layer.keys, layer.values, None)
-    window = baselines.masked_attention(q, layer.window_keys, layer.window_values, None)
-    return pallas_kernels.merge_partials(*clustered, *window)
   num_kv_heads, num_keys, _ = layer.keys.shape
   every_row = pallas_kernels.Selection(
       rows=jnp.broadcast_to(jnp.arange(num_keys, dtype=jnp.int32), (1, num_kv_heads, num_keys)),
@@ -163,8 +170,10 @@ def _dense_context_attention(config: MethodConfig, q: jax.Array,
 
 
 def _baseline_mask(config: MethodConfig, q: jax.Array, layer: ContextLayer,
-                   weights: jax.Array) -> tuple[jax.Array, int]:
-  """(key mask [B, Hkv, S'], summary vectors per lookup) of quest, oracle_topk or streaming."""
+                   weights: jax.Array) -> tuple[jax.Array | None, int]:
+  """(key mask [B, Hkv, S'] or None for all keys, summary vectors per lookup)."""
+  if config.name == "dense":
+    return None, 0
   if config.name == "quest":
     mask = baselines.quest_mask(q, layer, weights, page_size=config.page_size,
                                 key_budget=config.key_budget)
@@ -196,21 +205,21 @@ def context_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
       out, lse = out[:, None], lse[:, None]
     rows = selection.num_rows.astype(jnp.float32)
     mask = _rows_mask(selection, layer.num_clustered) if config.measure_mass else None
-  elif config.name == "dense":
-    out, lse = _dense_context_attention(config, q, layer)
-    rows = jnp.full((batch, num_kv_heads), layer.num_clustered, jnp.float32)
-    summary = jnp.zeros((batch, num_kv_heads), jnp.float32)
-    overflow = jnp.zeros((batch, num_kv_heads), bool)
-    mask = (jnp.ones((batch, num_kv_heads, layer.num_clustered), bool) if config.measure_mass
-            else None)
   else:
-    mask, num_summary = _baseline_mask(config, q, layer, weights)
-    clustered = baselines.masked_attention(q, layer.keys, layer.values, mask)
-    window = baselines.masked_attention(q, layer.window_keys, layer.window_values, None)
-    out, lse = pallas_kernels.merge_partials(*clustered, *window)
-    rows = mask.sum(axis=-1).astype(jnp.float32)
+    if config.name == "dense" and _dense_through_kernel(q):
+      mask, num_summary = None, 0
+      out, lse = _every_row_attention(config, q, layer)
+    else:
+      mask, num_summary = _baseline_mask(config, q, layer, weights)
+      clustered = baselines.masked_attention(q, layer.keys, layer.values, mask)
+      window = baselines.masked_attention(q, layer.window_keys, layer.window_values, None)
+      out, lse = pallas_kernels.merge_partials(*clustered, *window)
+    rows = (jnp.full((batch, num_kv_heads), layer.num_clustered, jnp.float32) if mask is None
+            else mask.sum(axis=-1).astype(jnp.float32))
     summary = jnp.full((batch, num_kv_heads), num_summary, jnp.float32)
     overflow = jnp.zeros((batch, num_kv_heads), bool)
+    if mask is None and config.measure_mass:
+      mask = jnp.ones((batch, num_kv_heads, layer.num_clustered), bool)
   mass = _captured_mass(q, layer, mask, weights) if config.measure_mass else None
   return out, lse, LookupUsage(rows=rows, summary_vectors=summary, overflow=overflow, mass=mass)
 
