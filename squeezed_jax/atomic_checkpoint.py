@@ -99,12 +99,18 @@ def read_metadata(directory: str) -> tuple[str, dict[str, Any]]:
     raise CheckpointError(f"unreadable checkpoint metadata {metadata_path!r}: {e}") from e
 
 
-def load(directory: str) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-  """Reads and verifies the current version: returns (arrays, metadata)."""
+def load(directory: str, targets: Mapping[str, jax.ShapeDtypeStruct] | None = None
+         ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+  """Reads and verifies the current version: returns (arrays, metadata).
+
+  targets: per array name, a ShapeDtypeStruct with the sharding to restore it with (orbax then
+  reads on each device only the slices it holds); None restores every array as saved.
+  """
   version_dir, record = read_metadata(directory)
   expected = record["arrays"]
   try:
-    arrays = ocp.StandardCheckpointer().restore(os.path.join(version_dir, _ARRAYS))
+    arrays = ocp.StandardCheckpointer().restore(
+        os.path.join(version_dir, _ARRAYS), None if targets is None else dict(targets))
   except Exception as e:  # orbax/tensorstore raise many types for damaged files.
     raise CheckpointError(f"cannot read the arrays of checkpoint {directory!r}: {e}") from e
   missing = sorted(set(expected) - set(arrays))

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.struct
 import jax
@@ -165,25 +165,43 @@ class FixedContext:
                config=config,
                model_config=model.config)
 
+  def arrays_by_name(self) -> dict[str, Any]:
+    """The leaves by their saved name ("keys.<layer>", "clusters.<field>", "thresholds", ...);
+    also for FixedContext-shaped trees of other leaves (shapes, shardings)."""
+    named = {name: getattr(self, name) for name in _ARRAY_FIELDS
+             if getattr(self, name) is not None}
+    named.update({f"{name}.{layer}": leaf for name in _LAYER_FIELDS
+                  for layer, leaf in enumerate(getattr(self, name))})
+    named.update({f"clusters.{name}": leaf for name, leaf in self.clusters._asdict().items()})
+    return named
+
+  @classmethod
+  def from_arrays_by_name(cls, arrays: Mapping[str, Any], config: ContextConfig,
+                          model_config: LlamaConfig) -> "FixedContext":
+    """The inverse of `arrays_by_name`."""
+    cluster_type = (key_clustering.HierarchicalClusteredKeys if config.hierarchical
+                    else key_clustering.ClusteredKeys)
+    clusters = cluster_type(**{name: arrays[f"clusters.{name}"]
+                               for name in cluster_type._fields})
+    per_layer = {name: tuple(arrays[f"{name}.{layer}"] for layer in range(model_config.num_layers))
+                 for name in _LAYER_FIELDS}
+    return cls(**{name: arrays.get(name) for name in _ARRAY_FIELDS}, **per_layer,
+               clusters=clusters, config=config, model_config=model_config)
+
   def save(self, directory: str) -> None:
     """Writes the artifact atomically: an interrupted save leaves the previous one intact."""
-    arrays = {name: getattr(self, name) for name in _ARRAY_FIELDS
-              if getattr(self, name) is not None}
-    arrays.update({f"{name}.{layer}": array for name in _LAYER_FIELDS
-                   for layer, array in enumerate(getattr(self, name))})
-    arrays.update({f"clusters.{name}": value
-                   for name, value in self.clusters._asdict().items()})
     metadata = {
         "format": FORMAT,
         "model_identity": self.model_config.identity_hash(),
         "model_config": self.model_config.to_hf_config(),
         "config": dataclasses.asdict(self.config),
     }
-    atomic_checkpoint.save(directory, arrays, metadata)
+    atomic_checkpoint.save(directory, self.arrays_by_name(), metadata)
 
   @classmethod
-  def load(cls, directory: str, *, model: Llama | None = None) -> "FixedContext":
-    """Reads an artifact; with `model`, first checks that it was built for that model."""
+  def read_abstract(cls, directory: str, *, model: Llama | None = None) -> "FixedContext":
+    """The artifact's FixedContext with jax.ShapeDtypeStruct leaves (reads its metadata only);
+    with `model`, first checks that it was built for that model."""
     _, record = atomic_checkpoint.read_metadata(directory)
     metadata = record["metadata"]
     if metadata.get("format") != FORMAT:
@@ -193,17 +211,28 @@ class FixedContext:
     if model is not None:
       _check_built_for(model_config, model.config, f"fixed context {directory!r}")
       model_config = model.config
-    arrays, _ = atomic_checkpoint.load(directory)
     config = ContextConfig(**{**metadata["config"],
                               "percentiles": tuple(metadata["config"]["percentiles"])})
-    cluster_type = (key_clustering.HierarchicalClusteredKeys if config.hierarchical
-                    else key_clustering.ClusteredKeys)
-    clusters = cluster_type(**{name: arrays[f"clusters.{name}"]
-                               for name in cluster_type._fields})
-    per_layer = {name: tuple(arrays[f"{name}.{layer}"] for layer in range(model_config.num_layers))
-                 for name in _LAYER_FIELDS}
-    return cls(**{name: arrays.get(name) for name in _ARRAY_FIELDS}, **per_layer,
-               clusters=clusters, config=config, model_config=model_config)
+    shapes = {name: jax.ShapeDtypeStruct(tuple(spec["shape"]), spec["dtype"])
+              for name, spec in record["arrays"].items()}
+    return cls.from_arrays_by_name(shapes, config, model_config)
+
+  @classmethod
+  def load(cls, directory: str, *, model: Llama | None = None,
+           shardings: "FixedContext | None" = None) -> "FixedContext":
+    """Reads an artifact; with `model`, first checks that it was built for that model.
+
+    shardings: a FixedContext-shaped tree of jax.sharding.Sharding to restore every array onto
+    (e.g. from `read_abstract` and sharding rules); None restores the arrays as saved.
+    """
+    abstract = cls.read_abstract(directory, model=model)
+    targets = None
+    if shardings is not None:
+      targets = {name: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+                 for (name, leaf), sharding in zip(abstract.arrays_by_name().items(),
+                                                   shardings.arrays_by_name().values())}
+    arrays, _ = atomic_checkpoint.load(directory, targets)
+    return cls.from_arrays_by_name(arrays, abstract.config, abstract.model_config)
 
 
 _LAYER_FIELDS = ("keys", "values", "window_keys", "window_values")
