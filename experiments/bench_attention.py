@@ -213,14 +213,18 @@ def check_kernels() -> list[dict]:
       coarse_scores = references.centroid_scores(q, coarse.centroids,
                                                  coarse.counts)
       coarse_tau = float(jnp.quantile(coarse_scores, 0.5))
-      for name, levels in (("fused", {}), ("fused_hierarchical", dict(
+      hierarchical = dict(
           coarse_centroids=coarse.centroids, coarse_counts=coarse.counts,
-          coarse_offsets=coarse.offsets, coarse_threshold=coarse_tau))):
+          coarse_offsets=coarse.offsets, coarse_threshold=coarse_tau)
+      for name, mode in (("fused", dict(threshold=tau)),
+                         ("fused_budget", dict(key_budget=num_keys // 8)),
+                         ("fused_hierarchical",
+                          dict(threshold=tau, **hierarchical))):
         for dtype in (jnp.float32, jnp.bfloat16):
           args = (q, ctx.keys, ctx.values, ctx.centroids.astype(dtype),
                   ctx.counts, ctx.offsets)
-          kwargs = dict(threshold=tau, window_keys=window_kv[0],
-                        window_values=window_kv[1], **levels)
+          kwargs = dict(window_keys=window_kv[0], window_values=window_kv[1],
+                        **mode)
           got_out, got_lse, got_kept = pk.squeezed_decode_attention(
               *args, backend="gpu", interpret=_INTERPRET.value, **kwargs)
           ref_out, ref_lse, ref_kept = pk.squeezed_decode_attention(

@@ -9,6 +9,11 @@ serves both: the decode loop's length is traced), after a first (compiling) call
 and first token take t(N) - (N - 1) / (decode tokens/s per sequence).
 
   python -m experiments.bench_generate --seq_lens=32768 --batch_sizes=1,8 --output_json=out.jsonl
+
+With `--mesh=data,heads,context` (e.g. 1,1,2) the model is placed on that device mesh and
+`generate(..., mesh=)` runs the fixed-context attention context-parallel; each call then lays the
+context out for the mesh first (`relayout_s`, timed alone, is part of time to answer and of the
+prefill time, not of the decode rate).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from experiments.cli import launcher
 from models.llama import PRESETS, Llama
 from pallas_kernels import synthetic
 from squeezed_jax import online
+from squeezed_jax import sharding
 from squeezed_jax.attention_methods import OnlineAttention, context_attention
 from squeezed_jax.context_layers import split_layers
 from squeezed_jax.fixed_context import ContextConfig, FixedContext
@@ -42,6 +48,9 @@ _NUM_LAYERS = flags.DEFINE_integer("num_layers", 32, "Layers (32 = LLaMA-2-7B)."
 _HIDDEN = flags.DEFINE_integer("hidden_size", 4096, "Model width (4096 = LLaMA-2-7B).")
 _WINDOW = flags.DEFINE_integer("window", 100, "Observation window W.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Append one JSON line per case here.")
+_MESH = flags.DEFINE_list(
+    "mesh", None, "data,heads,context sizes of a device mesh (e.g. 1,1,2); default: one device "
+    "without a mesh.")
 _BREAKDOWN = flags.DEFINE_bool(
     "step_breakdown", False,
     "Also time, per case, one decode step of the whole model outside the decode loop, and one "
@@ -135,16 +144,25 @@ def main(argv):
   if new_tokens < 3 or -(-half // 64) != -(-new_tokens // 64):
     raise ValueError(f"{new_tokens=} must be >= 3, with new_tokens // 2 + 1 in the same multiple "
                      "of 64 (e.g. 128)")
+  mesh = None
+  if _MESH.value:
+    if _BREAKDOWN.value:
+      raise ValueError("--step_breakdown times one device; leave it out with --mesh")
+    mesh = sharding.make_mesh(sharding.MeshConfig(*map(int, _MESH.value)))
   for num_tokens in map(int, _SEQ_LENS.value):
     model = _model(num_tokens + _QUESTION_TOKENS.value + new_tokens + 64)
     ctx = _synthetic_context(model, num_tokens)
+    relayout_s = None
+    if mesh is not None:
+      model = sharding.shard_model(model, mesh)
+      relayout_s = round(_seconds(lambda: sharding.context_parallel_layers(ctx, mesh)), 3)
     methods = [("dense", None)] + [("squeezed", float(b)) for b in _BUDGETS.value]
     for batch in map(int, _BATCH_SIZES.value):
       questions = np.random.default_rng(batch).integers(
           3, model.config.vocab_size, (batch, _QUESTION_TOKENS.value)).tolist()
       for method, budget in methods:
         run = lambda n: online.generate(model, ctx, questions, method=method, kv_budget=budget,
-                                 max_new_tokens=n, stop_tokens=[])
+                                 max_new_tokens=n, stop_tokens=[], mesh=mesh)
         compile_s = _seconds(lambda: run(new_tokens))
         partial = _seconds(lambda: run(half))
         answer = _seconds(lambda: run(new_tokens))
@@ -156,6 +174,7 @@ def main(argv):
             "prefill_and_first_token_s": round(answer - (new_tokens - 1) * per_token, 4),
             "decode_tokens_per_s": round(batch / per_token, 1),
             "first_call_s": round(compile_s, 2), "device": jax.devices()[0].device_kind,
+            "mesh": None if mesh is None else dict(mesh.shape), "relayout_s": relayout_s,
         }
         if _BREAKDOWN.value:
           result.update(_step_breakdown(model, ctx, batch, method, budget))

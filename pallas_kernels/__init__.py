@@ -192,7 +192,9 @@ def squeezed_lookup_attention(
 
 def squeezed_decode_attention(
     q: jax.Array, keys: jax.Array, values: jax.Array, centroids: jax.Array,
-    counts: jax.Array, offsets: jax.Array, *, threshold: float | jax.Array,
+    counts: jax.Array, offsets: jax.Array, *,
+    threshold: float | jax.Array | None = None, key_budget: int | None = None,
+    active: jax.Array | None = None,
     window_keys: jax.Array | None = None,
     window_values: jax.Array | None = None,
     coarse_centroids: jax.Array | None = None,
@@ -204,8 +206,10 @@ def squeezed_decode_attention(
     interpret: bool = False) -> tuple[jax.Array, jax.Array, KeptClusters]:
   """One decode step over the fixed context: lookup, selection, attention.
 
-  Threshold selection only, and every kept cluster is read (no `max_rows`
-  cap, unlike `squeezed_lookup_attention`). With the coarse level given, the
+  Every kept cluster is read (no `max_rows` cap, unlike
+  `squeezed_lookup_attention`). With a key budget, the top clusters within it
+  are kept through per-(sequence, KV head) thresholds
+  (`selection.budget_thresholds`). With the coarse level given, the
   lookup is hierarchical (`references.hierarchical_centroid_scores`, every
   candidate scored: no `max_fine_clusters` cap). On the GPU (B x G <=
   `block_sizes.lookup.single_pass_max_rows`) the selection runs inside the
@@ -216,7 +220,10 @@ def squeezed_decode_attention(
     q: [B, Hq, D] one token per sequence, post-RoPE.
     keys, values: [Hkv, S', D] cluster-contiguous clustered part.
     centroids, counts, offsets: [Hkv, K, D], [Hkv, K], [Hkv, K + 1].
-    threshold: keep fine clusters with sbar > threshold.
+    threshold: keep fine clusters with sbar > threshold; or
+    key_budget: keep the top fine clusters up to this many keys (static).
+    active: [B] bool sequences whose query is real, or None (all); the others
+      keep no cluster (their partial is the window's alone).
     window_keys, window_values: [Hkv, W, D] observation window, or None.
     coarse_centroids, coarse_counts, coarse_offsets: [Hkv, Kc, D], [Hkv, Kc],
       [Hkv, Kc + 1] coarse level, or None (flat lookup).
@@ -231,6 +238,7 @@ def squeezed_decode_attention(
   """
   if not queries.is_decode(q):
     raise ValueError(f"{q.shape=} must be decode queries [B, Hq, D]")
+  selection_lib.check_one_mode(threshold, key_budget)
   coarse = (coarse_centroids, coarse_counts, coarse_offsets, coarse_threshold)
   hierarchical = coarse_centroids is not None
   if any((level is None) == hierarchical for level in coarse):
@@ -244,7 +252,7 @@ def squeezed_decode_attention(
     out, lse, kept, num_rows, kept_coarse = (
         gpu_decode.squeezed_decode_attention(
             q, keys, values, centroids, counts, offsets, threshold,
-            window_keys=window_keys, window_values=window_values,
+            key_budget=key_budget, active=active, window_keys=window_keys, window_values=window_values,
             coarse_centroids=coarse_centroids, coarse_counts=coarse_counts,
             coarse_offsets=coarse_offsets, coarse_threshold=coarse_threshold,
             sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret))
@@ -258,8 +266,12 @@ def squeezed_decode_attention(
   else:
     scores = centroid_scores(q, centroids, counts, sm_scale=sm_scale,
                              backend=resolved, interpret=interpret)
-  selection = select_clusters(scores, counts, offsets,
-                              max_rows=keys.shape[1], threshold=threshold)
+  clusters = selection_lib.kept_clusters(scores, counts, threshold=threshold,
+                                         key_budget=key_budget)
+  if active is not None:
+    clusters &= active[:, None, None]
+  selection = selection_lib.rows_from_clusters(clusters, counts, offsets,
+                                               keys.shape[1])
   out, lse = sparse_attention(q, keys, values, selection,
                               window_keys=window_keys,
                               window_values=window_values, sm_scale=sm_scale,

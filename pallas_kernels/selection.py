@@ -124,13 +124,45 @@ def rows_from_clusters(clusters: jax.Array, counts: jax.Array,
                    clusters=clusters)
 
 
-def clusters_within_budget(scores: jax.Array, counts: jax.Array,
-                           key_budget: int) -> jax.Array:
-  """The highest-scoring clusters whose keys fit in `key_budget`.
+def budget_thresholds(scores: jax.Array, counts: jax.Array,
+                      key_budget: int) -> jax.Array:
+  """Per-list thresholds that keep the top clusters within a key budget.
 
   Clusters are taken by decreasing score while the running key count stays
   <= key_budget (the first cluster that would overflow, and all after it, are
-  left out).
+  left out). The threshold lies halfway between the last score taken and the
+  first score left out (twice the top score if none fits), so `scores > tau`
+  keeps exactly those clusters even when a kernel recomputes the scores with
+  other rounding; ties at the cut are both left out (the budget is never
+  exceeded). Empty clusters and clusters
+  scoring 0 (pruned by a coarse level) are never kept: tau >= 0.
+
+  Args:
+    scores: [B, Hkv, K] float sbar (>= 0).
+    counts: [Hkv, K] int.
+    key_budget: keys per (sequence, KV head).
+
+  Returns:
+    tau [B, Hkv] float32.
+  """
+  scores = jnp.where(counts[None] > 0, scores.astype(jnp.float32), 0.0)
+  descending, sorted_counts = jax.lax.sort(
+      (-scores, jnp.broadcast_to(counts[None], scores.shape).astype(jnp.int32)),
+      dimension=-1, num_keys=1)
+  descending = -descending
+  taken = jnp.sum(jnp.cumsum(sorted_counts, axis=-1) <= key_budget, axis=-1)
+  at = lambda index: jnp.take_along_axis(
+      descending, jnp.clip(index, 0, scores.shape[-1] - 1)[..., None],
+      axis=-1)[..., 0]
+  last_taken, first_left = at(taken - 1), at(taken)
+  tau = jnp.where(taken == 0, 2 * first_left, (last_taken + first_left) / 2)
+  tau = jnp.where(taken == scores.shape[-1], 0.0, tau)
+  return jnp.maximum(tau, 0.0)
+
+
+def clusters_within_budget(scores: jax.Array, counts: jax.Array,
+                           key_budget: int) -> jax.Array:
+  """The highest-scoring clusters whose keys fit in `key_budget`.
 
   Args:
     scores: [B, Hkv, K] float sbar.
@@ -138,23 +170,45 @@ def clusters_within_budget(scores: jax.Array, counts: jax.Array,
     key_budget: keys per (sequence, KV head).
 
   Returns:
+    [B, Hkv, K] bool: non-empty clusters with scores above
+    `budget_thresholds`.
+  """
+  tau = budget_thresholds(scores, counts, key_budget)
+  return (scores > tau[..., None]) & (counts[None] > 0)
+
+
+def check_one_mode(threshold: float | jax.Array | None,
+                   key_budget: int | None) -> None:
+  """Raises unless exactly one of the two selection modes is given."""
+  if (threshold is None) == (key_budget is None):
+    raise ValueError(f"exactly one of {threshold=} and {key_budget=} is needed")
+
+
+def kept_clusters(scores: jax.Array, counts: jax.Array, *,
+                  threshold: float | jax.Array | None = None,
+                  key_budget: int | None = None) -> jax.Array:
+  """Clusters kept by a threshold (sbar > threshold) or by a key budget.
+
+  Args:
+    scores: [B, Hkv, K] sbar from `centroid_scores`.
+    counts: [Hkv, K] int keys per cluster.
+    threshold: keep clusters with sbar > threshold (scalar, may be traced).
+    key_budget: keep the top clusters up to this many keys (static int).
+
+  Returns:
     [B, Hkv, K] bool.
   """
-  nonempty = jnp.broadcast_to(counts[None] > 0, scores.shape)
-  order = jnp.argsort(jnp.where(nonempty, -scores, jnp.inf), axis=-1)
-  sorted_counts = jnp.take_along_axis(
-      jnp.broadcast_to(counts[None], scores.shape), order, axis=-1)
-  fits = jnp.cumsum(sorted_counts, axis=-1) <= key_budget
-  fits &= jnp.take_along_axis(nonempty, order, axis=-1)
-  inverse = jnp.argsort(order, axis=-1)
-  return jnp.take_along_axis(fits, inverse, axis=-1)
+  check_one_mode(threshold, key_budget)
+  if threshold is not None:
+    return scores > threshold
+  return clusters_within_budget(scores, counts, key_budget)
 
 
 def select_clusters(scores: jax.Array, counts: jax.Array, offsets: jax.Array,
                     *, max_rows: int,
                     threshold: float | jax.Array | None = None,
                     key_budget: int | None = None) -> Selection:
-  """Selects clusters by threshold or by a key budget.
+  """Selects clusters by threshold or by a key budget (`kept_clusters`).
 
   Args:
     scores: [B, Hkv, K] sbar from `centroid_scores`.
@@ -168,14 +222,10 @@ def select_clusters(scores: jax.Array, counts: jax.Array, offsets: jax.Array,
   Returns:
     The `Selection`.
   """
-  if (threshold is None) == (key_budget is None):
-    raise ValueError(f"exactly one of {threshold=} and {key_budget=} is needed")
-  if threshold is not None:
-    clusters = scores > threshold
-  else:
-    if key_budget > max_rows:
-      raise ValueError(f"{key_budget=} must be <= {max_rows=}")
-    clusters = clusters_within_budget(scores, counts, key_budget)
+  if key_budget is not None and key_budget > max_rows:
+    raise ValueError(f"{key_budget=} must be <= {max_rows=}")
+  clusters = kept_clusters(scores, counts, threshold=threshold,
+                           key_budget=key_budget)
   return rows_from_clusters(clusters, counts, offsets, max_rows)
 
 

@@ -7,7 +7,9 @@ exactly by log-sum-exp (`pallas_kernels.merge_partials`). Methods for (a):
   dense                  every fixed-context key (XLA attention or the sparse kernel with every
                          row selected, whichever is faster for the query shape).
   squeezed               centroid lookup, clusters above tau (or the top clusters within a key
-                         budget), sparse attention over their rows (`pallas_kernels`).
+                         budget), sparse attention over their rows (`pallas_kernels`). A decode
+                         token goes through `pallas_kernels.squeezed_decode_attention` (on the
+                         GPU the selection runs inside the attention kernel, no row list).
   squeezed_hierarchical  coarse lookup above the coarse tau, then only the fine centroids inside
                          the kept coarse clusters, then as `squeezed`.
   quest, oracle_topk, streaming   the baselines of `squeezed_jax.baselines` (XLA).
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from models.llama import KVCache, grouped_attention
 from pallas_kernels import queries
+from pallas_kernels.selection import rows_from_clusters
 from squeezed_jax import baselines
 from squeezed_jax.context_layers import ContextLayer
 from squeezed_jax.kv_budget import BudgetStats, LookupUsage
@@ -41,8 +44,8 @@ class MethodConfig:
   """The static settings of a method (hashable: part of the jit cache key).
 
   name: one of METHODS.
-  max_rows: squeezed methods: static row capacity R of a selection (selected rows beyond R are
-    dropped and counted as an overflow).
+  max_rows: squeezed methods: static row capacity R of a question prefill's selection (selected
+    rows beyond R are dropped and counted as an overflow); a decode token reads every kept cluster.
   key_budget: keys per (sequence, KV head): the squeezed methods' fixed-budget mode (None =
     threshold mode) and the baselines' budget.
   max_fine_clusters: squeezed_hierarchical: static number of fine centroids scored.
@@ -103,6 +106,16 @@ def _captured_mass(q: jax.Array, layer: ContextLayer, mask: jax.Array,
   return jnp.einsum("BKGT,BT->BK", captured, weights) / probs.shape[2]
 
 
+def _hierarchical_summary(layer: ContextLayer, kept_coarse: jax.Array,
+                          max_fine_clusters: int) -> tuple[jax.Array, jax.Array]:
+  """Centroids a hierarchical lookup read, [B, Hkv] float32 (all coarse ones + the scored fine
+  ones), and whether its candidates overflowed `max_fine_clusters`, [B, Hkv] bool."""
+  fine_per_coarse = jnp.diff(layer.coarse_offsets, axis=-1)
+  candidates = jnp.where(kept_coarse, fine_per_coarse[None], 0).sum(axis=-1)
+  summary = layer.coarse_centroids.shape[1] + jnp.minimum(candidates, max_fine_clusters)
+  return summary.astype(jnp.float32), candidates > max_fine_clusters
+
+
 def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
                         query_mask: jax.Array):
   """Lookup and selection. Returns (Selection, summary vectors [B, Hkv], overflow [B, Hkv])."""
@@ -116,11 +129,7 @@ def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
         q, layer.centroids, layer.counts, layer.coarse_centroids, layer.coarse_counts,
         layer.coarse_offsets, coarse_threshold=layer.coarse_threshold,
         max_fine_clusters=config.max_fine_clusters, query_mask=query_mask)
-    fine_per_coarse = jnp.diff(layer.coarse_offsets, axis=-1)
-    candidates = jnp.where(kept_coarse, fine_per_coarse[None], 0).sum(axis=-1)
-    summary = (layer.coarse_centroids.shape[1]
-               + jnp.minimum(candidates, config.max_fine_clusters)).astype(jnp.float32)
-    overflow = candidates > config.max_fine_clusters
+    summary, overflow = _hierarchical_summary(layer, kept_coarse, config.max_fine_clusters)
   if config.key_budget is None:
     selection = pallas_kernels.select_clusters(scores, layer.counts, layer.offsets,
                                                max_rows=config.max_rows,
@@ -131,6 +140,32 @@ def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
                                                key_budget=config.key_budget)
   wanted = jnp.where(selection.clusters, layer.counts[None], 0).sum(axis=-1)
   return selection, summary, overflow | (wanted > config.max_rows)
+
+
+def _squeezed_decode(config: MethodConfig, q: jax.Array, layer: ContextLayer,
+                     query_mask: jax.Array):
+  """One decode token per sequence through `pallas_kernels.squeezed_decode_attention` (on the
+  GPU the selection runs inside the attention kernel; every kept cluster is read: no row cap,
+  and the hierarchical lookup scores every candidate).
+
+  q: [B, 1, Hq, D]; query_mask: [B, 1] (a sequence whose token is not real keeps no cluster).
+  Returns (out [B, 1, Hq, D], lse [B, 1, Hq], KeptClusters, summary vectors
+  [B, Hkv]).
+  """
+  mode = (dict(threshold=layer.threshold) if config.key_budget is None
+          else dict(key_budget=config.key_budget))
+  if config.name == "squeezed_hierarchical":
+    mode.update(coarse_centroids=layer.coarse_centroids, coarse_counts=layer.coarse_counts,
+                coarse_offsets=layer.coarse_offsets, coarse_threshold=layer.coarse_threshold)
+  out, lse, kept = pallas_kernels.squeezed_decode_attention(
+      q[:, 0], layer.keys, layer.values, layer.centroids, layer.counts, layer.offsets,
+      window_keys=layer.window_keys, window_values=layer.window_values,
+      active=query_mask[:, 0], backend=config.backend, **mode)
+  if kept.coarse_clusters is None:
+    summary = jnp.full(kept.num_rows.shape, layer.centroids.shape[1], jnp.float32)
+  else:
+    summary, _ = _hierarchical_summary(layer, kept.coarse_clusters, layer.centroids.shape[1])
+  return out[:, None], lse[:, None], kept, summary
 
 
 def _dense_through_kernel(q: jax.Array) -> bool:
@@ -193,16 +228,20 @@ def context_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   """
   batch, num_kv_heads = q.shape[0], layer.keys.shape[0]
   weights = queries.query_weights(query_mask, *query_mask.shape)
-  if config.name in SQUEEZED_METHODS:
+  if config.name in SQUEEZED_METHODS and q.shape[1] == 1:
+    out, lse, kept, summary = _squeezed_decode(config, q, layer, query_mask)
+    rows = kept.num_rows.astype(jnp.float32)
+    overflow = jnp.zeros(rows.shape, bool)
+    mask = None
+    if config.measure_mass:
+      every_row = rows_from_clusters(
+          kept.clusters, layer.counts, layer.offsets, layer.num_clustered)
+      mask = _rows_mask(every_row, layer.num_clustered)
+  elif config.name in SQUEEZED_METHODS:
     selection, summary, overflow = _squeezed_selection(config, q, layer, query_mask)
-    # One token per sequence: the kernels' decode layout [B, Hq, D] (their decode tiles).
-    decode = q.shape[1] == 1
     out, lse = pallas_kernels.sparse_attention(
-        q[:, 0] if decode else q, layer.keys, layer.values, selection,
-        window_keys=layer.window_keys, window_values=layer.window_values,
-        backend=config.backend)
-    if decode:
-      out, lse = out[:, None], lse[:, None]
+        q, layer.keys, layer.values, selection, window_keys=layer.window_keys,
+        window_values=layer.window_values, backend=config.backend)
     rows = selection.num_rows.astype(jnp.float32)
     mask = _rows_mask(selection, layer.num_clustered) if config.measure_mass else None
   else:

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from models.llama import KVCache, Llama
+from squeezed_jax import sharding
 from squeezed_jax.attention_methods import (METHODS, SQUEEZED_METHODS, MethodConfig,
                                             OnlineAttention, OnlineCache)
 from squeezed_jax.context_layers import ContextLayer, split_layers
@@ -63,6 +64,8 @@ class MethodOptions:
   page_size: quest pages; sinks: streaming sink keys.
   measure_mass: also report the attention mass captured (costs a dense pass per lookup).
   backend: kernel backend of the squeezed methods (None = from the platform).
+  centroid_dtype: dtype the lookups read the centroids in (None = the K/V dtype; see
+    `context_layers.split_layers`).
   """
 
   threshold: float | None = None
@@ -75,6 +78,7 @@ class MethodOptions:
   sinks: int = 4
   measure_mass: bool = False
   backend: str | None = None
+  centroid_dtype: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,14 +235,17 @@ def generate(model: Llama, ctx: FixedContext, questions: Sequence[Sequence[int]]
              kv_budget: float | None = None, max_new_tokens: int = 64,
              sampling: SamplingParams = SamplingParams(),
              stop_tokens: Sequence[int] | None = None, seed: int = 0, prefill_chunk: int = 512,
-             options: MethodOptions = MethodOptions()) -> Answers:
+             options: MethodOptions = MethodOptions(),
+             mesh: jax.sharding.Mesh | None = None) -> Answers:
   """Answers every question (token ids placed right after the context) against `ctx`.
 
   method: one of METHODS. The squeezed methods take exactly one of `percentile` (a calibrated
   pruned fraction: its threshold), `kv_budget` (fraction of the S' clustered keys per head) or
   options.threshold; the baselines take `percentile` (its mean calibrated budget) or
   `kv_budget`; dense takes neither. Generation stops at `stop_tokens` (default: EOS) or after
-  `max_new_tokens`.
+  `max_new_tokens`. mesh: run on several devices (`sharding.make_mesh`): the fixed-context
+  attention context-parallel (methods dense and squeezed, flat contexts), the questions' caches
+  sharded over data and heads; place the model first with `sharding.shard_model(model, mesh)`.
   """
   ctx.check_model(model)
   if max_new_tokens < 1:
@@ -257,10 +264,17 @@ def generate(model: Llama, ctx: FixedContext, questions: Sequence[Sequence[int]]
                      f"{max_new_tokens=} exceeds the model's "
                      f"{model_config.max_position_embeddings=}")
   capacity = _round_up(longest + max_new_tokens, room)
-  layers = split_layers(ctx, threshold=threshold, coarse_threshold=coarse_threshold,
-                        page_size=config.page_size if config.name == "quest" else None)
-  caches = init_caches(layers, jnp.asarray(lengths), capacity, model_config.dtype)
-  attention = OnlineAttention(config)
+  if mesh is None:
+    layers = split_layers(ctx, threshold=threshold, coarse_threshold=coarse_threshold,
+                          page_size=config.page_size if config.name == "quest" else None,
+                          centroid_dtype=options.centroid_dtype)
+    caches = init_caches(layers, jnp.asarray(lengths), capacity, model_config.dtype)
+    attention = OnlineAttention(config)
+  else:
+    layers = sharding.context_parallel_layers(ctx, mesh, threshold=threshold)
+    caches = sharding.shard_caches(
+        init_caches(layers, jnp.asarray(lengths), capacity, model_config.dtype), mesh)
+    attention = sharding.ShardedOnlineAttention(config, mesh)
   graphdef, state = nnx.split(model)
   last_logits = jnp.zeros((len(questions), model_config.vocab_size), jnp.float32)
   last_index = jnp.asarray(context_length + lengths - 1)

@@ -174,7 +174,14 @@ def check_forward():
                                     err_msg=f"mesh {shape} layer {layer} rows")
       np.testing.assert_array_equal(g.stats.overflows, w.stats.overflows,
                                     err_msg=f"mesh {shape} layer {layer} overflows")
-  print("forward: sharded model + context + caches equal to one device")
+  want_answers = online.generate(model, ctx, questions, percentile=percentile, max_new_tokens=6,
+                                 stop_tokens=[])
+  got_answers = online.generate(sharded_model, ctx, questions, percentile=percentile,
+                                max_new_tokens=6, stop_tokens=[], mesh=mesh)
+  assert got_answers.token_ids == want_answers.token_ids, (got_answers.token_ids,
+                                                           want_answers.token_ids)
+  np.testing.assert_allclose(got_answers.kv_budget, want_answers.kv_budget, rtol=1e-6)
+  print("forward: sharded model + context + caches equal to one device, and generate(mesh=)")
 
 
 def check_checkpoint():

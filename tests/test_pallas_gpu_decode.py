@@ -45,10 +45,11 @@ def _inputs(batch, group, head_dim, dtype, window):
   return ctx, coarse, q, window_kv
 
 
-def _check(q, ctx, window_kv, scores, tau, out, lse, kept, num_rows):
-  """Outputs vs reference attention over the clusters with scores > tau."""
+def _check(q, ctx, window_kv, scores, out, lse, kept, num_rows, **mode):
+  """Outputs vs reference attention over the clusters that the reference
+  selection keeps from `scores` in `mode` (threshold= or key_budget=)."""
   want = selection.select_clusters(scores, ctx.counts, ctx.offsets,
-                                   max_rows=NUM_KEYS, threshold=tau)
+                                   max_rows=NUM_KEYS, **mode)
   np.testing.assert_array_equal(kept, want.clusters)
   np.testing.assert_array_equal(num_rows, want.num_rows)
   want_out, want_lse = references.attention_with_window(
@@ -80,7 +81,8 @@ def test_flat_lookup(batch, group, head_dim, dtype, window):
             tau, window_keys=window_kv[0] if window else None,
             window_values=window_kv[1] if window else None,
             block_sizes=TILES, interpret=True))
-    want = _check(q, ctx, window_kv, scores, tau, out, lse, kept, num_rows)
+    want = _check(q, ctx, window_kv, scores, out, lse, kept, num_rows,
+                  threshold=tau)
     assert kept_coarse is None
     if which == "ragged":
       assert len(np.unique(np.asarray(want.num_rows))) > 1
@@ -116,7 +118,44 @@ def test_hierarchical_lookup(batch, group, head_dim, dtype, window):
           coarse_offsets=coarse[2], coarse_threshold=coarse_tau,
           block_sizes=TILES, interpret=True))
   np.testing.assert_array_equal(kept_coarse, want_coarse)
-  _check(q, ctx, window_kv, scores, tau, out, lse, kept, num_rows)
+  _check(q, ctx, window_kv, scores, out, lse, kept, num_rows, threshold=tau)
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_key_budget_keeps_the_top_clusters_of_each_sequence(hierarchical):
+  """Per-(sequence, KV head) thresholds from the kernel's own lookup scores
+  keep exactly the reference's top clusters within the budget."""
+  batch, group = 3, 4
+  ctx, coarse, q, window_kv = _inputs(batch, group, 64, jnp.float32, True)
+  levels = {}
+  scores = references.centroid_scores(q, ctx.centroids, ctx.counts)
+  if hierarchical:
+    coarse_tau = float(jnp.quantile(
+        references.centroid_scores(q, coarse[0], coarse[1]), 0.5))
+    levels = dict(coarse_centroids=coarse[0], coarse_counts=coarse[1],
+                  coarse_offsets=coarse[2], coarse_threshold=coarse_tau)
+    scores, _ = references.hierarchical_centroid_scores(
+        q, ctx.centroids, ctx.counts, *coarse, coarse_threshold=coarse_tau)
+  for key_budget in (1, 70, NUM_KEYS):
+    out, lse, kept, num_rows, _ = decode_attention.squeezed_decode_attention(
+        q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
+        key_budget=key_budget, window_keys=window_kv[0],
+        window_values=window_kv[1], block_sizes=TILES, interpret=True,
+        **levels)
+    want = _check(q, ctx, window_kv, scores, out, lse, kept, num_rows,
+                  key_budget=key_budget)
+    assert int(num_rows.max()) <= key_budget
+    if key_budget == 70:
+      assert len(np.unique(np.asarray(want.num_rows))) > 1
+
+
+def test_selection_modes_are_exclusive():
+  ctx, _, q, _ = _inputs(1, 1, 64, jnp.float32, False)
+  for mode in ({}, dict(threshold=0.1, key_budget=5)):
+    with pytest.raises(ValueError, match="exactly one"):
+      decode_attention.squeezed_decode_attention(
+          q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
+          interpret=True, **mode)
 
 
 def test_prefill_queries_are_rejected():

@@ -64,22 +64,52 @@ def test_decode_attention_matches_reference(backend):
   scores, want_coarse = references.hierarchical_centroid_scores(
       q, ctx.centroids, ctx.counts, *coarse, coarse_threshold=coarse_tau)
   tau = float(jnp.quantile(scores[scores > 0], 0.4))
-  out, lse, kept = pk.squeezed_decode_attention(
-      q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
-      threshold=tau, window_keys=window_keys, window_values=window_values,
-      coarse_centroids=coarse[0], coarse_counts=coarse[1],
-      coarse_offsets=coarse[2], coarse_threshold=coarse_tau, backend=backend,
-      interpret=True)
-  want = selection.select_clusters(scores, ctx.counts, ctx.offsets,
-                                   max_rows=180, threshold=tau)
-  np.testing.assert_array_equal(kept.clusters, want.clusters)
-  np.testing.assert_array_equal(kept.num_rows, want.num_rows)
-  np.testing.assert_array_equal(kept.coarse_clusters, want_coarse)
-  want_out, want_lse = references.attention_with_window(
-      q, ctx.keys, ctx.values, selection.key_mask(want, 180), window_keys,
-      window_values)
-  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(lse, want_lse, rtol=1e-5)
+  for mode in (dict(threshold=tau), dict(key_budget=60)):
+    out, lse, kept = pk.squeezed_decode_attention(
+        q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
+        window_keys=window_keys, window_values=window_values,
+        coarse_centroids=coarse[0], coarse_counts=coarse[1],
+        coarse_offsets=coarse[2], coarse_threshold=coarse_tau,
+        backend=backend, interpret=True, **mode)
+    want = selection.select_clusters(scores, ctx.counts, ctx.offsets,
+                                     max_rows=180, **mode)
+    np.testing.assert_array_equal(kept.clusters, want.clusters)
+    np.testing.assert_array_equal(kept.num_rows, want.num_rows)
+    np.testing.assert_array_equal(kept.coarse_clusters, want_coarse)
+    want_out, want_lse = references.attention_with_window(
+        q, ctx.keys, ctx.values, selection.key_mask(want, 180), window_keys,
+        window_values)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["xla", "gpu"])
+@pytest.mark.parametrize("mode", [dict(threshold=0.02), dict(key_budget=50)])
+def test_decode_attention_inactive_sequences_keep_no_cluster(backend, mode):
+  ctx = synthetic.clustered_context(jax.random.key(7), num_kv_heads=2,
+                                    num_keys=120, num_clusters=8, head_dim=16,
+                                    dtype=jnp.float32)
+  window_keys, window_values = jax.random.normal(jax.random.key(8),
+                                                 (2, 2, 5, 16))
+  q = jax.random.normal(jax.random.key(9), (3, 4, 16))
+  args = (q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets)
+  kwargs = dict(window_keys=window_keys, window_values=window_values,
+                backend=backend, interpret=True, **mode)
+  every_out, every_lse, every_kept = pk.squeezed_decode_attention(*args,
+                                                                  **kwargs)
+  active = jnp.array([True, False, True])
+  out, lse, kept = pk.squeezed_decode_attention(*args, active=active,
+                                                **kwargs)
+  assert int(every_kept.num_rows[1].min()) > 0
+  np.testing.assert_array_equal(kept.num_rows[1], 0)
+  assert not bool(kept.clusters[1].any())
+  window_out, window_lse = references.attention(q, window_keys, window_values)
+  np.testing.assert_allclose(out[1], window_out[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse[1], window_lse[1], rtol=1e-5)
+  for b in (0, 2):
+    np.testing.assert_array_equal(kept.clusters[b], every_kept.clusters[b])
+    np.testing.assert_allclose(out[b], every_out[b], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lse[b], every_lse[b], rtol=1e-6)
 
 
 def test_decode_attention_argument_errors():

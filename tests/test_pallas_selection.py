@@ -118,3 +118,28 @@ def test_argument_errors(counts):
   with pytest.raises(ValueError, match="offsets.shape"):
     selection.select_clusters(scores, counts, offsets[:, 1:], max_rows=8,
                               threshold=0.1)
+
+
+def test_budget_thresholds_keep_the_greedy_prefix_robustly(counts):
+  scores = jax.random.uniform(jax.random.key(5), (3, NUM_KV_HEADS,
+                                                  NUM_CLUSTERS))
+  for budget in (1, 40, 70, NUM_KEYS):
+    tau = selection.budget_thresholds(scores, counts, budget)
+    assert tau.shape == (3, NUM_KV_HEADS) and bool((tau >= 0).all())
+    want = selection.clusters_within_budget(scores, counts, budget)
+    for noise in (1 - 1e-6, 1 + 1e-6):  # a kernel's rounding of the scores
+      got = (scores * noise > tau[..., None]) & (counts[None] > 0)
+      np.testing.assert_array_equal(got, want)
+    kept_keys = jnp.where(want, counts[None], 0).sum(-1)
+    assert int(kept_keys.max()) <= budget
+  everything = selection.budget_thresholds(scores, counts, NUM_KEYS)
+  np.testing.assert_array_equal(everything, 0.0)
+
+
+def test_budget_thresholds_leave_ties_at_the_cut_and_zero_scores_out():
+  counts = jnp.array([[5, 5, 5, 5]])
+  scores = jnp.array([[[0.9, 0.5, 0.5, 0.0]]])
+  tau = selection.budget_thresholds(scores, counts, key_budget=10)
+  np.testing.assert_array_equal(scores > tau[..., None], [[[1, 0, 0, 0]]])
+  tau = selection.budget_thresholds(scores, counts, key_budget=20)
+  np.testing.assert_array_equal(scores > tau[..., None], [[[1, 1, 1, 0]]])

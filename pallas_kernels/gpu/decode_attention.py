@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from pallas_kernels import block_sizes as block_sizes_lib
 from pallas_kernels import merge
 from pallas_kernels import queries
+from pallas_kernels import selection as selection_lib
 from pallas_kernels.gpu import centroid_scores as gpu_scores
 from pallas_kernels.gpu import flash_blocks
 from pallas_kernels.gpu import hierarchical_scores
@@ -66,7 +67,7 @@ def _decode_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
                    num_lookup_parts: int, num_clusters: int, block_rows: int):
   """One (sequence x KV head, chunk) program.
 
-  Refs: threshold_ref [] f32; lse_parts_ref [Sp, Mp]; logits_ref [Mp, Kp]
+  Refs: threshold_ref [] f32 (this sequence x KV head's tau); lse_parts_ref [Sp, Mp]; logits_ref [Mp, Kp]
   (rows m = b * G + g of this KV head); counts_ref [K]; offsets_ref [K + 1];
   q_ref [Mp, D]; k_ref, v_ref [S', D]. Outputs: out_ref [Gq, D] f32 and
   lse_ref [Gq] (the partial of this chunk for the G query heads, padded to
@@ -135,7 +136,7 @@ def fused_selection_attention(
     num_lookup_parts: number of written parts.
     keys, values: [Hkv, S', D] cluster-contiguous.
     counts, offsets: [Hkv, K], [Hkv, K + 1] int32.
-    threshold: tau, keep clusters with sbar > tau.
+    threshold: tau, keep clusters with sbar > tau: a scalar or [B, Hkv].
     batch, group: B and G.
     window_keys, window_values: [Hkv, W, D] or None.
     sm_scale: softmax scale.
@@ -161,7 +162,7 @@ def fused_selection_attention(
       kernel,
       grid=(batch * num_kv_heads, num_chunks),
       in_specs=[
-          pl.BlockSpec((None,), lambda bh, j: (0,)),
+          pl.BlockSpec((None,), lambda bh, j: (bh,)),
           head(*lse_parts.shape[1:]),
           head(*logits.shape[1:]),
           head(num_clusters),
@@ -191,7 +192,8 @@ def fused_selection_attention(
           num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
       interpret=interpret,
       name="squeezed_decode_attention",
-  )(jnp.asarray(threshold, jnp.float32).reshape(1), lse_parts, logits,
+  )(jnp.broadcast_to(jnp.asarray(threshold, jnp.float32),
+                      (batch, num_kv_heads)).reshape(-1), lse_parts, logits,
     counts, offsets, q_rows, keys, values)
   kept = jnp.moveaxis(kept, 0, 1).reshape(
       batch, num_kv_heads, num_chunks * block_clusters)[..., :num_clusters]
@@ -214,11 +216,32 @@ def fused_selection_attention(
           lse.reshape(batch, num_kv_heads, group), kept > 0, num_rows)
 
 
+def lookup_scores(logits: jax.Array, lse_parts: jax.Array,
+                  num_lookup_parts: int, *, batch: int, group: int,
+                  num_clusters: int) -> jax.Array:
+  """The lookup's sbar from its single pass, as the attention kernel forms it.
+
+  logits: [Hkv, Mp, Kp]; lse_parts: [Hkv, Sp, Mp] (the first
+  num_lookup_parts written). Returns [B, Hkv, K] float32 (max over the G query
+  heads of exp(logit - lse); 0 where the logit is -inf).
+  """
+  rows = batch * group
+  lse = jax.nn.logsumexp(lse_parts[:, :num_lookup_parts, :rows], axis=1)
+  probs = jnp.exp(logits[:, :rows, :num_clusters] - lse[..., None])
+  num_kv_heads = logits.shape[0]
+  probs = probs.reshape(num_kv_heads, batch, group, num_clusters).max(axis=2)
+  return jnp.swapaxes(probs, 0, 1)
+
+
 @functools.partial(jax.jit,
-                   static_argnames=("sm_scale", "block_sizes", "interpret"))
+                   static_argnames=("key_budget", "sm_scale", "block_sizes",
+                                    "interpret"))
 def squeezed_decode_attention(
     q: jax.Array, keys: jax.Array, values: jax.Array, centroids: jax.Array,
-    counts: jax.Array, offsets: jax.Array, threshold: float | jax.Array, *,
+    counts: jax.Array, offsets: jax.Array,
+    threshold: float | jax.Array | None = None, *,
+    key_budget: int | None = None,
+    active: jax.Array | None = None,
     window_keys: jax.Array | None = None,
     window_values: jax.Array | None = None,
     coarse_centroids: jax.Array | None = None,
@@ -237,7 +260,11 @@ def squeezed_decode_attention(
     q: [B, Hq, D] one token per sequence, post-RoPE.
     keys, values: [Hkv, S', D] cluster-contiguous.
     centroids, counts, offsets: [Hkv, K, D], [Hkv, K], [Hkv, K + 1].
-    threshold: keep fine clusters with sbar > threshold.
+    threshold: keep fine clusters with sbar > threshold; or
+    key_budget: keep the top fine clusters up to this many keys per (sequence,
+      KV head) (`selection.budget_thresholds` on the lookup's scores).
+    active: [B] bool sequences whose query is real, or None (all); the others
+      keep no cluster.
     window_keys, window_values: [Hkv, W, D] or None.
     coarse_centroids, coarse_counts, coarse_offsets, coarse_threshold: the
       coarse level ([Hkv, Kc, D], [Hkv, Kc], [Hkv, Kc + 1], scalar) for the
@@ -253,6 +280,7 @@ def squeezed_decode_attention(
   """
   if not queries.is_decode(q):
     raise ValueError(f"{q.shape=} must be decode queries [B, Hq, D]")
+  selection_lib.check_one_mode(threshold, key_budget)
   block_sizes = block_sizes or block_sizes_lib.DecodeBlockSizes()
   scale = queries.default_scale(q.shape[-1], sm_scale)
   num_kv_heads = keys.shape[0]
@@ -274,6 +302,12 @@ def squeezed_decode_attention(
         coarse_counts.astype(jnp.int32), coarse_offsets.astype(jnp.int32),
         coarse_threshold, batch=batch, group=group, sm_scale=scale,
         block_sizes=block_sizes, interpret=interpret)
+  if key_budget is not None:
+    scores = lookup_scores(logits, lse_parts, num_parts, batch=batch,
+                           group=group, num_clusters=counts.shape[1])
+    threshold = selection_lib.budget_thresholds(scores, counts, key_budget)
+  if active is not None:
+    threshold = jnp.where(active[:, None], threshold, jnp.inf)
   out, lse, kept, num_rows = fused_selection_attention(
       q_rows, logits, lse_parts, num_parts, keys, values, counts, offsets,
       threshold, batch=batch, group=group, window_keys=window_keys,

@@ -121,9 +121,10 @@ def _capped_selection(kept: jax.Array, counts: jax.Array, offsets: jax.Array, ma
   return Selection(rows=rows, num_rows=num_rows, clusters=selection.clusters), every.sum(axis=0)
 
 
-def _max_rows(config: MethodConfig, num_clustered: int) -> int:
-  """R, the global row cap: `config.max_rows` (squeezed) or every row (dense)."""
-  return num_clustered if config.name == "dense" else config.max_rows
+def _max_rows(config: MethodConfig, num_clustered: int, decode: bool) -> int:
+  """R, the global row cap: `config.max_rows` (squeezed prefill) or every row (dense, and a
+  decode token, which reads every kept cluster as `attention_methods` does on one device)."""
+  return num_clustered if config.name == "dense" or decode else config.max_rows
 
 
 def _device_attention(config: MethodConfig, num_clustered: int, q: jax.Array,
@@ -136,10 +137,10 @@ def _device_attention(config: MethodConfig, num_clustered: int, q: jax.Array,
   centroids: [Hkv, Kp, D]; counts: [Hkv, Kp]; offsets: [Hkv, Kp + 1]; threshold: () or (tau,).
   Returns (out [B, T, Hq, D] float32, lse [B, T, Hq], rows [B, Hkv] f32, overflow [B, Hkv]).
   """
-  kept = _kept_clusters(config, q, centroids, counts, query_mask, threshold)
-  max_rows = _max_rows(config, num_clustered)
-  selection, wanted = _capped_selection(kept, counts, offsets, max_rows, keys.shape[1])
   decode = q.shape[1] == 1  # the kernels' decode layout [B, Hq, D], as context_attention
+  kept = _kept_clusters(config, q, centroids, counts, query_mask, threshold)
+  max_rows = _max_rows(config, num_clustered, decode)
+  selection, wanted = _capped_selection(kept, counts, offsets, max_rows, keys.shape[1])
   out, lse = pallas_kernels.sparse_attention(q[:, 0] if decode else q, keys, values, selection,
                                              backend=config.backend)
   if decode:
