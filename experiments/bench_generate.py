@@ -4,8 +4,9 @@ A LLaMA-2-7B-shaped model with random bf16 weights (shapes are what matter for s
 synthetic clustered fixed context (`pallas_kernels.synthetic`: realistic cluster sizes) of S tokens;
 per case: a batch of B random questions of `question_tokens` tokens, answered with N =
 `new_tokens` greedy tokens (no stop token). Decode tokens/s = B * (N - n) / (t(N) - t(n)), with
-t(n) the wall time of one `generate` call producing n = N // 2 + 1 tokens (one compiled program
-serves both: the decode loop's length is traced), after a first (compiling) call; the prefill
+t(n) the median wall time of `repeats` `generate` calls producing n = N // 2 + 1 tokens (one
+compiled program serves both: the decode loop's length is traced), after a first (compiling)
+call; the prefill
 and first token take t(N) - (N - 1) / (decode tokens/s per sequence).
 
   python -m experiments.bench_generate --seq_lens=32768 --batch_sizes=1,8 --output_json=out.jsonl
@@ -34,6 +35,7 @@ from pallas_kernels import synthetic
 from squeezed_jax import online
 from squeezed_jax import sharding
 from squeezed_jax.attention_methods import OnlineAttention, context_attention
+from squeezed_jax.calibration import calibrate_thresholds
 from squeezed_jax.context_layers import split_layers
 from squeezed_jax.fixed_context import ContextConfig, FixedContext
 from squeezed_jax.key_clustering import ClusteredKeys, num_clusters_for
@@ -42,6 +44,11 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768"], "Fixed-context lengths S.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Questions answered together.")
 _BUDGETS = flags.DEFINE_list("kv_budgets", ["0.125", "0.25"],
                              "Squeezed KV budgets (fractions of the clustered keys).")
+_PERCENTILES = flags.DEFINE_list(
+    "percentiles", [], "Squeezed pruned fractions (threshold mode; the synthetic context's "
+    "thresholds are calibrated on random window queries, so the budget actually read is reported "
+    "as `rows_fraction`).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per length (median taken).")
 _QUESTION_TOKENS = flags.DEFINE_integer("question_tokens", 512, "Tokens per question.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per question.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", 32, "Layers (32 = LLaMA-2-7B).")
@@ -84,17 +91,22 @@ def _synthetic_context(model: Llama, num_tokens: int) -> FixedContext:
       jax.random.normal(jax.random.key(seed + layer), (config.num_kv_heads, _WINDOW.value,
                                                        config.head_dim), jnp.bfloat16)
       for layer in range(config.num_layers))
-  percentiles = ContextConfig().percentiles
+  percentiles = tuple(sorted({*ContextConfig().percentiles, *map(float, _PERCENTILES.value)}))
+  centroids = stack("centroids")
+  window_queries = jax.random.normal(
+      jax.random.key(30_000), (config.num_layers, _WINDOW.value, config.num_heads,
+                               config.head_dim), jnp.bfloat16)
+  thresholds = calibrate_thresholds(window_queries, centroids, counts, percentiles)
   return FixedContext(
       keys=per_layer("keys"), values=per_layer("values"),
       window_keys=window(10_000), window_values=window(20_000),
-      clusters=ClusteredKeys(stack("centroids"), counts, stack("offsets"),
+      clusters=ClusteredKeys(centroids, counts, stack("offsets"),
                              jnp.broadcast_to(jnp.arange(clustered, dtype=jnp.int32),
                                               labels.shape), labels.astype(jnp.int32)),
-      thresholds=jnp.zeros((len(percentiles),)),
-      kept_fraction=jnp.ones((len(percentiles), config.num_layers, config.num_kv_heads)),
+      thresholds=thresholds.thresholds, kept_fraction=thresholds.kept_fraction,
       coarse_thresholds=None, token_ids=jnp.zeros((num_tokens,), jnp.int32),
-      config=ContextConfig(observation_window=_WINDOW.value), model_config=config)
+      config=ContextConfig(observation_window=_WINDOW.value, percentiles=percentiles),
+      model_config=config)
 
 
 def _median_ms(fn, *args, repeats: int = 20) -> float:
@@ -109,9 +121,9 @@ def _median_ms(fn, *args, repeats: int = 20) -> float:
 
 
 def _step_breakdown(model: Llama, ctx: FixedContext, batch: int, method: str,
-                    budget: float | None) -> dict[str, float]:
+                    selection: dict[str, float]) -> dict[str, float]:
   """Times one decode step of the model (no loop) and one layer's fixed-context attention."""
-  config, threshold, coarse = online.resolve_method(ctx, method, kv_budget=budget)
+  config, threshold, coarse = online.resolve_method(ctx, method, **selection)
   layers = split_layers(ctx, threshold=threshold, coarse_threshold=coarse)
   lengths = jnp.full((batch,), _QUESTION_TOKENS.value, jnp.int32)
   caches = online.init_caches(layers, lengths, _QUESTION_TOKENS.value + 64, model.config.dtype)
@@ -135,6 +147,10 @@ def _seconds(fn) -> float:
   return time.perf_counter() - start
 
 
+def _median_seconds(fn) -> float:
+  return float(np.median([_seconds(fn) for _ in range(_REPEATS.value)]))
+
+
 @launcher
 def main(argv):
   del argv
@@ -156,19 +172,26 @@ def main(argv):
     if mesh is not None:
       model = sharding.shard_model(model, mesh)
       relayout_s = round(_seconds(lambda: sharding.context_parallel_layers(ctx, mesh)), 3)
-    methods = [("dense", None)] + [("squeezed", float(b)) for b in _BUDGETS.value]
+    methods = ([("dense", {})] + [("squeezed", {"kv_budget": float(b)}) for b in _BUDGETS.value]
+               + [("squeezed", {"percentile": float(p)}) for p in _PERCENTILES.value])
     for batch in map(int, _BATCH_SIZES.value):
       questions = np.random.default_rng(batch).integers(
           3, model.config.vocab_size, (batch, _QUESTION_TOKENS.value)).tolist()
-      for method, budget in methods:
-        run = lambda n: online.generate(model, ctx, questions, method=method, kv_budget=budget,
-                                 max_new_tokens=n, stop_tokens=[], mesh=mesh)
-        compile_s = _seconds(lambda: run(new_tokens))
-        partial = _seconds(lambda: run(half))
-        answer = _seconds(lambda: run(new_tokens))
+      for method, selection in methods:
+        run = lambda n: online.generate(model, ctx, questions, method=method,
+                                        max_new_tokens=n, stop_tokens=[], mesh=mesh,
+                                        **selection)
+        start = time.perf_counter()
+        answers = run(new_tokens)
+        compile_s = time.perf_counter() - start
+        partial = _median_seconds(lambda: run(half))
+        answer = _median_seconds(lambda: run(new_tokens))
         per_token = (answer - partial) / (new_tokens - half)
         result = {
-            "seq_len": num_tokens, "batch": batch, "method": method, "kv_budget": budget,
+            "seq_len": num_tokens, "batch": batch, "method": method,
+            "kv_budget": selection.get("kv_budget"), "percentile": selection.get("percentile"),
+            "rows_fraction": round(float(answers.rows_fraction.mean()), 4),
+            "kv_budget_used": round(float(answers.kv_budget.mean()), 4),
             "num_layers": model.config.num_layers, "question_tokens": _QUESTION_TOKENS.value,
             "new_tokens": new_tokens, "time_to_answer_s": round(answer, 4),
             "prefill_and_first_token_s": round(answer - (new_tokens - 1) * per_token, 4),
@@ -177,7 +200,7 @@ def main(argv):
             "mesh": None if mesh is None else dict(mesh.shape), "relayout_s": relayout_s,
         }
         if _BREAKDOWN.value:
-          result.update(_step_breakdown(model, ctx, batch, method, budget))
+          result.update(_step_breakdown(model, ctx, batch, method, selection))
         print(json.dumps(result), flush=True)
         if _OUTPUT_JSON.value:
           with open(_OUTPUT_JSON.value, "a") as f:
