@@ -164,7 +164,8 @@ def main(argv):
   if _MESH.value:
     if _BREAKDOWN.value:
       raise ValueError("--step_breakdown times one device; leave it out with --mesh")
-    mesh = sharding.make_mesh(sharding.MeshConfig(*map(int, _MESH.value)))
+    mesh_config = sharding.MeshConfig(*map(int, _MESH.value))
+    mesh = sharding.make_mesh(mesh_config, jax.devices()[:mesh_config.num_devices])
   for num_tokens in map(int, _SEQ_LENS.value):
     model = _model(num_tokens + _QUESTION_TOKENS.value + new_tokens + 64)
     ctx = _synthetic_context(model, num_tokens)
