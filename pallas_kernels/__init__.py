@@ -252,7 +252,8 @@ def squeezed_decode_attention(
     out, lse, kept, num_rows, kept_coarse = (
         gpu_decode.squeezed_decode_attention(
             q, keys, values, centroids, counts, offsets, threshold,
-            key_budget=key_budget, active=active, window_keys=window_keys, window_values=window_values,
+            key_budget=key_budget, active=active, window_keys=window_keys,
+            window_values=window_values,
             coarse_centroids=coarse_centroids, coarse_counts=coarse_counts,
             coarse_offsets=coarse_offsets, coarse_threshold=coarse_threshold,
             sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret))

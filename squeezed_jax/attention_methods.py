@@ -106,6 +106,13 @@ def _captured_mass(q: jax.Array, layer: ContextLayer, mask: jax.Array,
   return jnp.einsum("BKGT,BT->BK", captured, weights) / probs.shape[2]
 
 
+def _selection_mode(config: MethodConfig, layer: ContextLayer) -> dict:
+  """The selection's keyword: the layer's threshold, or the method's key budget."""
+  if config.key_budget is None:
+    return {"threshold": layer.threshold}
+  return {"key_budget": config.key_budget}
+
+
 def _hierarchical_summary(layer: ContextLayer, kept_coarse: jax.Array,
                           max_fine_clusters: int) -> tuple[jax.Array, jax.Array]:
   """Centroids a hierarchical lookup read, [B, Hkv] float32 (all coarse ones + the scored fine
@@ -130,14 +137,9 @@ def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
         layer.coarse_offsets, coarse_threshold=layer.coarse_threshold,
         max_fine_clusters=config.max_fine_clusters, query_mask=query_mask)
     summary, overflow = _hierarchical_summary(layer, kept_coarse, config.max_fine_clusters)
-  if config.key_budget is None:
-    selection = pallas_kernels.select_clusters(scores, layer.counts, layer.offsets,
-                                               max_rows=config.max_rows,
-                                               threshold=layer.threshold)
-  else:
-    selection = pallas_kernels.select_clusters(scores, layer.counts, layer.offsets,
-                                               max_rows=config.max_rows,
-                                               key_budget=config.key_budget)
+  selection = pallas_kernels.select_clusters(scores, layer.counts, layer.offsets,
+                                             max_rows=config.max_rows,
+                                             **_selection_mode(config, layer))
   wanted = jnp.where(selection.clusters, layer.counts[None], 0).sum(axis=-1)
   return selection, summary, overflow | (wanted > config.max_rows)
 
@@ -152,8 +154,7 @@ def _squeezed_decode(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   Returns (out [B, 1, Hq, D], lse [B, 1, Hq], KeptClusters, summary vectors
   [B, Hkv]).
   """
-  mode = (dict(threshold=layer.threshold) if config.key_budget is None
-          else dict(key_budget=config.key_budget))
+  mode = _selection_mode(config, layer)
   if config.name == "squeezed_hierarchical":
     mode.update(coarse_centroids=layer.coarse_centroids, coarse_counts=layer.coarse_counts,
                 coarse_offsets=layer.coarse_offsets, coarse_threshold=layer.coarse_threshold)

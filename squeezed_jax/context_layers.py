@@ -24,7 +24,8 @@ class ContextLayer:
 
   keys, values: [Hkv, S', D] clustered part, rows reordered by fine cluster.
   window_keys, window_values: [Hkv, W, D] observation window, always attended.
-  centroids: [Hkv, K, D] (in the K/V dtype unless asked otherwise); counts: [Hkv, K] int32; offsets: [Hkv, K + 1] int32.
+  centroids: [Hkv, K, D] (in the K/V dtype unless asked otherwise); counts: [Hkv, K] int32;
+    offsets: [Hkv, K + 1] int32.
   permutation: [Hkv, S'] int32, original position (0..S'-1) of each reordered row.
   coarse_centroids, coarse_counts, coarse_offsets: [Hkv, Kc, D], [Hkv, Kc], [Hkv, Kc + 1]
     (hierarchical contexts, else None).

@@ -268,13 +268,13 @@ def generate(model: Llama, ctx: FixedContext, questions: Sequence[Sequence[int]]
     layers = split_layers(ctx, threshold=threshold, coarse_threshold=coarse_threshold,
                           page_size=config.page_size if config.name == "quest" else None,
                           centroid_dtype=options.centroid_dtype)
-    caches = init_caches(layers, jnp.asarray(lengths), capacity, model_config.dtype)
     attention = OnlineAttention(config)
   else:
     layers = sharding.context_parallel_layers(ctx, mesh, threshold=threshold)
-    caches = sharding.shard_caches(
-        init_caches(layers, jnp.asarray(lengths), capacity, model_config.dtype), mesh)
     attention = sharding.ShardedOnlineAttention(config, mesh)
+  caches = init_caches(layers, jnp.asarray(lengths), capacity, model_config.dtype)
+  if mesh is not None:
+    caches = sharding.shard_caches(caches, mesh)
   graphdef, state = nnx.split(model)
   last_logits = jnp.zeros((len(questions), model_config.vocab_size), jnp.float32)
   last_index = jnp.asarray(context_length + lengths - 1)

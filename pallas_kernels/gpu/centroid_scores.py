@@ -219,6 +219,18 @@ def single_pass_logits(
   return logits, lse_parts
 
 
+def single_pass_probs(logits: jax.Array, lse_parts: jax.Array,
+                      num_parts: int, num_rows: int,
+                      num_clusters: int) -> jax.Array:
+  """s_j = exp(logit_j - lse) of each query row, from `single_pass_logits`.
+
+  logits: [Hkv, Mp, Kp]; lse_parts: [Hkv, Sp, Mp], the first num_parts
+  written. Returns [Hkv, num_rows, K] float32 (0 where the logit is -inf).
+  """
+  lse = jax.nn.logsumexp(lse_parts[:, :num_parts, :num_rows], axis=1)
+  return jnp.exp(logits[:, :num_rows, :num_clusters] - lse[..., None])
+
+
 def num_single_pass_splits(
     num_clusters: int, block_sizes: block_sizes_lib.LookupBlockSizes) -> int:
   """Number of written lse parts of `single_pass_logits`."""
@@ -298,10 +310,10 @@ def centroid_scores(
         num_q_rows=num_rows, sm_scale=scale, block_sizes=block_sizes,
         interpret=interpret)
     num_splits = num_single_pass_splits(num_clusters, block_sizes)
-    lse = jax.nn.logsumexp(lse_parts[:, :num_splits, :num_rows], axis=1)
-    logits = logits[:, :num_rows, :num_clusters]
-    probs = jnp.exp(logits - lse[..., None]).reshape(
-        num_kv_heads, batch, group, tokens, num_clusters)
+    probs = single_pass_probs(logits, lse_parts, num_splits, num_rows,
+                              num_clusters).reshape(
+                                  num_kv_heads, batch, group, tokens,
+                                  num_clusters)
     probs = jnp.where(counts[:, None, None, None, :] > 0, probs, 0.0)
     return references.block_scores(jnp.transpose(probs, (1, 0, 2, 3, 4)),
                                    weights)

@@ -67,8 +67,8 @@ def _decode_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
                    num_lookup_parts: int, num_clusters: int, block_rows: int):
   """One (sequence x KV head, chunk) program.
 
-  Refs: threshold_ref [] f32 (this sequence x KV head's tau); lse_parts_ref [Sp, Mp]; logits_ref [Mp, Kp]
-  (rows m = b * G + g of this KV head); counts_ref [K]; offsets_ref [K + 1];
+  Refs: threshold_ref [] f32 (this sequence x KV head's tau); lse_parts_ref
+  [Sp, Mp]; logits_ref [Mp, Kp] (rows m = b * G + g of this KV head); counts_ref [K]; offsets_ref [K + 1];
   q_ref [Mp, D]; k_ref, v_ref [S', D]. Outputs: out_ref [Gq, D] f32 and
   lse_ref [Gq] (the partial of this chunk for the G query heads, padded to
   Gq rows); kept_ref [C] int32 (1 = kept); rows_ref [] int32 (rows read).
@@ -216,23 +216,6 @@ def fused_selection_attention(
           lse.reshape(batch, num_kv_heads, group), kept > 0, num_rows)
 
 
-def lookup_scores(logits: jax.Array, lse_parts: jax.Array,
-                  num_lookup_parts: int, *, batch: int, group: int,
-                  num_clusters: int) -> jax.Array:
-  """The lookup's sbar from its single pass, as the attention kernel forms it.
-
-  logits: [Hkv, Mp, Kp]; lse_parts: [Hkv, Sp, Mp] (the first
-  num_lookup_parts written). Returns [B, Hkv, K] float32 (max over the G query
-  heads of exp(logit - lse); 0 where the logit is -inf).
-  """
-  rows = batch * group
-  lse = jax.nn.logsumexp(lse_parts[:, :num_lookup_parts, :rows], axis=1)
-  probs = jnp.exp(logits[:, :rows, :num_clusters] - lse[..., None])
-  num_kv_heads = logits.shape[0]
-  probs = probs.reshape(num_kv_heads, batch, group, num_clusters).max(axis=2)
-  return jnp.swapaxes(probs, 0, 1)
-
-
 @functools.partial(jax.jit,
                    static_argnames=("key_budget", "sm_scale", "block_sizes",
                                     "interpret"))
@@ -303,8 +286,12 @@ def squeezed_decode_attention(
         coarse_threshold, batch=batch, group=group, sm_scale=scale,
         block_sizes=block_sizes, interpret=interpret)
   if key_budget is not None:
-    scores = lookup_scores(logits, lse_parts, num_parts, batch=batch,
-                           group=group, num_clusters=counts.shape[1])
+    num_clusters = counts.shape[1]
+    probs = gpu_scores.single_pass_probs(logits, lse_parts, num_parts,
+                                         batch * group, num_clusters)
+    scores = jnp.swapaxes(
+        probs.reshape(num_kv_heads, batch, group, num_clusters).max(axis=2),
+        0, 1)
     threshold = selection_lib.budget_thresholds(scores, counts, key_budget)
   if active is not None:
     threshold = jnp.where(active[:, None], threshold, jnp.inf)
