@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import collections
 import functools
-import glob
 import json
 import math
 import os
 import statistics
-import tempfile
 import time
 
 from absl import app
@@ -54,6 +52,8 @@ from pallas_kernels import synthetic
 from pallas_kernels.gpu import centroid_scores as gpu_scores
 from pallas_kernels.gpu import decode_attention as gpu_decode
 from pallas_kernels.gpu import sparse_attention as gpu_attention
+
+from experiments import gpu_trace
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768", "131072"],
                               "Fixed-context lengths S.")
@@ -75,6 +75,10 @@ _COARSE_KEEP = flags.DEFINE_float(
     "project's default coarse percentile 0.5).")
 _ITERS = flags.DEFINE_integer("iters", 20, "Calls per timed loop.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed loops (median taken).")
+_INPUT_SETS = flags.DEFINE_integer(
+    "input_sets", 2, "Input sets the timed loops cycle through: 2 = the K/V "
+    "swapped; more add fresh copies of the K/V (as a model's consecutive "
+    "layers read distinct memory: cold TLBs, not only a cold L2).")
 _CHECK = flags.DEFINE_bool("check", False,
                            "Check the compiled kernels against references.")
 _DENSE_XLA = flags.DEFINE_bool("dense_xla", True,
@@ -114,42 +118,6 @@ def timed_ms(fn, inputs: list[tuple]) -> float:
     jax.block_until_ready(result)
     means.append((time.perf_counter() - start) / _ITERS.value)
   return 1e3 * statistics.median(means)
-
-
-def gpu_kernels(fn, inputs: list[tuple], calls: int = 10) -> dict:
-  """The GPU kernels of one call of `fn`, from a profiler trace of `calls`.
-
-  Returns kernels per call, busy ms per call (sum of kernel durations), span
-  ms per call (first kernel start to last kernel end, over calls), and the
-  kernels of the last call with their durations.
-  """
-  for args in inputs:
-    jax.block_until_ready(fn(*args))
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir):
-      for i in range(calls):
-        result = fn(*inputs[i % len(inputs)])
-      jax.block_until_ready(result)
-    [path] = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-    data = jax.profiler.ProfileData.from_file(path)
-  events = []
-  for plane in data.planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      if line.name.lower().startswith("stream"):
-        events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
-  if not events:
-    return dict(kernels_per_call=0)
-  events.sort()
-  per_call = len(events) // calls
-  last = events[-per_call:]
-  return dict(
-      kernels_per_call=len(events) / calls,
-      busy_ms=sum(e[1] for e in events) / calls * 1e-6,
-      span_ms=(events[-1][0] + events[-1][1] - events[0][0]) / calls * 1e-6,
-      last_call=[(name, round(duration * 1e-3, 1)) for _, duration, name
-                 in last])
 
 
 def copy_bandwidth() -> float:
@@ -264,7 +232,8 @@ def parse_case(case: str) -> tuple[int, int | None]:
 
 class Setup:
   """One fixed context of S tokens: clustered part, coarse level, window,
-  two input sets (K and V swapped, centroids negated) that defeat the L2."""
+  input sets (K and V swapped, centroids negated; then copies) that defeat
+  the L2."""
 
   def __init__(self, seq_len: int):
     num_kv_heads, head_dim = _NUM_KV_HEADS.value, _HEAD_DIM.value
@@ -287,13 +256,17 @@ class Setup:
                       self.coarse.centroids),
                      (self.ctx.values, self.ctx.keys, -self.ctx.centroids,
                       -self.coarse.centroids)]
+    for i in range(2, _INPUT_SETS.value):
+      keys, values, centroids, coarse = self.contexts[i % 2]
+      self.contexts.append((jnp.array(keys, copy=True),
+                            jnp.array(values, copy=True), centroids, coarse))
 
   def queries(self, case: str) -> list[jax.Array]:
     batch, tokens = parse_case(case)
     shape = ((batch, _NUM_HEADS.value, _HEAD_DIM.value) if tokens is None
              else (batch, tokens, _NUM_HEADS.value, _HEAD_DIM.value))
     return [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16)
-            for i in range(2)]
+            for i in range(len(self.contexts))]
 
   def dense_kv(self):
     return [tuple(jnp.concatenate([a, w], axis=1).transpose(1, 0, 2)[None]
@@ -508,7 +481,7 @@ def profile(setup: Setup, budget: float,
           thresholds, hierarchical=True, block_sizes=decode_tiles)
     for name, fn in variants.items():
       try:
-        kernels = gpu_kernels(fn, bf16_inputs)
+        kernels = gpu_trace.gpu_kernels(fn, bf16_inputs)
       except Exception as e:  # pylint: disable=broad-except
         print(f"profile {case} {name} failed: {str(e)[:200]}", flush=True)
         continue

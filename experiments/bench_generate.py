@@ -14,7 +14,7 @@ and first token take t(N) - (N - 1) / (decode tokens/s per sequence).
 With `--mesh=data,heads,context` (e.g. 1,1,2) the model is placed on that device mesh and
 `generate(..., mesh=)` runs the fixed-context attention context-parallel; each call then lays the
 context out for the mesh first (`relayout_s`, timed alone, is part of time to answer and of the
-prefill time, not of the decode rate).
+prefill time, not of the decode rate). `--profile` adds the GPU kernels of one decode token.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from experiments import gpu_trace
 from experiments.cli import launcher
 from models.llama import PRESETS, Llama
 from pallas_kernels import synthetic
@@ -62,6 +63,11 @@ _BREAKDOWN = flags.DEFINE_bool(
     "step_breakdown", False,
     "Also time, per case, one decode step of the whole model outside the decode loop, and one "
     "layer's fixed-context attention alone, to locate per-token overhead.")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False,
+    "Also trace one call of each length per case and report the GPU kernels of one decode token "
+    "(the difference of the two traces over the tokens between them): kernels, busy and span "
+    "microseconds, and the kernel families taking the most time.")
 
 
 def _model(max_positions: int) -> Llama:
@@ -202,6 +208,10 @@ def main(argv):
         }
         if _BREAKDOWN.value:
           result.update(_step_breakdown(model, ctx, batch, method, selection))
+        if _PROFILE.value:
+          trace = lambda n: gpu_trace.traced_kernels(lambda: run(n))
+          result["decode_token_kernels"] = gpu_trace.per_step_difference(
+              trace(new_tokens), trace(half), steps=new_tokens - half)
         print(json.dumps(result), flush=True)
         if _OUTPUT_JSON.value:
           with open(_OUTPUT_JSON.value, "a") as f:

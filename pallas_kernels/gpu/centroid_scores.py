@@ -231,6 +231,34 @@ def single_pass_probs(logits: jax.Array, lse_parts: jax.Array,
   return jnp.exp(logits[:, :num_rows, :num_clusters] - lse[..., None])
 
 
+def group_max_probs(lse_parts_ref, logits_ref, *, first_row: jnp.ndarray,
+                    group: int, tile_rows: int, num_lookup_parts: int,
+                    first_cluster, in_range: jnp.ndarray) -> jnp.ndarray:
+  """max over the G query heads of s_j = exp(logit_j - lse), one KV head.
+
+  The in-kernel twin of `single_pass_probs` (+ the max over G), shared by the
+  fused decode attention and the budget cut so both see the same scores.
+
+  Refs: lse_parts_ref [Sp, Mp] (the first num_lookup_parts written);
+  logits_ref [Mp, Kp]. Rows first_row .. first_row + G - 1 are the G query
+  heads, loaded as one tile of tile_rows >= G rows (a power of two);
+  columns first_cluster + arange(C) with in_range [C] bool (others score 0).
+  Returns [C] float32.
+  """
+  real = jnp.arange(tile_rows) < group
+  rows = pl.ds(first_row, tile_rows)
+  parts = plgpu.load(lse_parts_ref.at[:, rows], mask=real[None, :],
+                     other=-jnp.inf)
+  part_ids = jnp.arange(parts.shape[0])
+  lse = flash_blocks.masked_logsumexp(
+      parts, (part_ids < num_lookup_parts)[:, None] & real[None, :])
+  logits = plgpu.load(
+      logits_ref.at[rows, pl.ds(first_cluster, in_range.shape[0])],
+      mask=real[:, None] & in_range[None, :], other=-jnp.inf)
+  probs = jnp.where(real[:, None], jnp.exp(logits - lse[:, None]), 0.0)
+  return probs.max(axis=0)
+
+
 def num_single_pass_splits(
     num_clusters: int, block_sizes: block_sizes_lib.LookupBlockSizes) -> int:
   """Number of written lse parts of `single_pass_logits`."""

@@ -6,7 +6,9 @@ the lookup and the attention is paid per token: the row-list path
 (~35 us at S = 128K, batch 1: benchmarks/RESULTS.md) on the normaliser, the
 comparison and the compaction (cumulative sums and a scatter over the R-slot
 list). Here three Pallas kernels (four with the hierarchical lookup) do the
-lookup and the attention, around XLA's padding of q and merge of partials:
+lookup and the attention, around XLA's padding of q and merge of partials
+(one more in the key-budget mode: `budget_cut` turns the budget into each
+(sequence, KV head)'s threshold, by bisection instead of a sort):
 
 1. the lookup's single pass (`centroid_scores.single_pass_logits`): logits
    q.C [Hkv, M, K] and per-split log-sum-exps (or, hierarchical, the coarse
@@ -43,6 +45,7 @@ from pallas_kernels import block_sizes as block_sizes_lib
 from pallas_kernels import merge
 from pallas_kernels import queries
 from pallas_kernels import selection as selection_lib
+from pallas_kernels.gpu import budget_cut
 from pallas_kernels.gpu import centroid_scores as gpu_scores
 from pallas_kernels.gpu import flash_blocks
 from pallas_kernels.gpu import hierarchical_scores
@@ -81,20 +84,15 @@ def _decode_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
   q = plgpu.load(q_ref.at[pl.ds(first_row, q_block)], mask=real[:, None],
                  other=0.0).astype(k_ref.dtype)
 
-  parts = plgpu.load(lse_parts_ref.at[:, pl.ds(first_row, q_block)],
-                     mask=real[None, :], other=-jnp.inf)
-  part_ids = jnp.arange(parts.shape[0])
-  lse = flash_blocks.masked_logsumexp(
-      parts, (part_ids < num_lookup_parts)[:, None] & real[None, :])
   first = chunk * block_clusters
   in_range = first + jnp.arange(block_clusters) < num_clusters
-  logits = plgpu.load(
-      logits_ref.at[pl.ds(first_row, q_block), pl.ds(first, block_clusters)],
-      mask=real[:, None] & in_range[None, :], other=-jnp.inf)
-  probs = jnp.where(real[:, None], jnp.exp(logits - lse[:, None]), 0.0)
+  scores = gpu_scores.group_max_probs(
+      lse_parts_ref, logits_ref, first_row=first_row, group=group,
+      tile_rows=q_block, num_lookup_parts=num_lookup_parts,
+      first_cluster=first, in_range=in_range)
   counts = plgpu.load(counts_ref.at[pl.ds(first, block_clusters)],
                       mask=in_range, other=0)
-  keep = (probs.max(axis=0) > threshold_ref[()]) & (counts > 0)
+  keep = (scores > threshold_ref[()]) & (counts > 0)
   sizes = jnp.where(keep, counts, 0)
   ends = jnp.cumsum(sizes)
   starts = ends - sizes
@@ -245,7 +243,8 @@ def squeezed_decode_attention(
     centroids, counts, offsets: [Hkv, K, D], [Hkv, K], [Hkv, K + 1].
     threshold: keep fine clusters with sbar > threshold; or
     key_budget: keep the top fine clusters up to this many keys per (sequence,
-      KV head) (`selection.budget_thresholds` on the lookup's scores).
+      KV head) (`selection.budget_thresholds` of the lookup's scores, found
+      by `budget_cut.budget_thresholds` without a sort).
     active: [B] bool sequences whose query is real, or None (all); the others
       keep no cluster.
     window_keys, window_values: [Hkv, W, D] or None.
@@ -286,13 +285,9 @@ def squeezed_decode_attention(
         coarse_threshold, batch=batch, group=group, sm_scale=scale,
         block_sizes=block_sizes, interpret=interpret)
   if key_budget is not None:
-    num_clusters = counts.shape[1]
-    probs = gpu_scores.single_pass_probs(logits, lse_parts, num_parts,
-                                         batch * group, num_clusters)
-    scores = jnp.swapaxes(
-        probs.reshape(num_kv_heads, batch, group, num_clusters).max(axis=2),
-        0, 1)
-    threshold = selection_lib.budget_thresholds(scores, counts, key_budget)
+    threshold = budget_cut.budget_thresholds(
+        logits, lse_parts, num_parts, counts, key_budget, batch=batch,
+        group=group, interpret=interpret)
   if active is not None:
     threshold = jnp.where(active[:, None], threshold, jnp.inf)
   out, lse, kept, num_rows = fused_selection_attention(
