@@ -209,7 +209,8 @@ def squeezed_decode_attention(
   Every kept cluster is read (no `max_rows` cap, unlike
   `squeezed_lookup_attention`). With a key budget, the top clusters within it
   are kept through per-(sequence, KV head) thresholds
-  (`selection.budget_thresholds`). With the coarse level given, the
+  (`selection.budget_thresholds`; on the GPU found without a sort by
+  `gpu/budget_cut.py`). With the coarse level given, the
   lookup is hierarchical (`references.hierarchical_centroid_scores`, every
   candidate scored: no `max_fine_clusters` cap). On the GPU (B x G <=
   `block_sizes.lookup.single_pass_max_rows`) the selection runs inside the
