@@ -515,6 +515,8 @@ def sweep(setup: Setup, budget: float) -> list[dict]:
   variants = [  # (hierarchical, tiles)
       (False, tiles()), (False, tiles(block_clusters=256)),
       (False, tiles(block_clusters=256, block_rows=32)),
+      (False, tiles(block_rows=32)), (False, tiles(num_warps=2)),
+      (False, tiles(block_clusters=64, block_rows=32)),
       (False, tiles(num_stages=2)), (False, tiles(num_stages=4)),
       (False, tiles(lookup=lookup(block_k=64))), (True, tiles()),
   ]
