@@ -4,8 +4,8 @@ Each question token attends to (a) the fixed context, through the chosen method,
 question's own tokens and the generated ones, densely and causally; the two partials merge
 exactly by log-sum-exp (`pallas_kernels.merge_partials`). Methods for (a):
 
-  dense                  every fixed-context key (XLA attention or the sparse kernel with every
-                         row selected, whichever is faster for the query shape).
+  dense                  every fixed-context key: the sparse kernel with every row selected, the
+                         batch's queries folded so that the context is read once per batch.
   squeezed               centroid lookup, clusters above tau (or the top clusters within a key
                          budget), sparse attention over their rows (`pallas_kernels`). A decode
                          token goes through `pallas_kernels.squeezed_decode_attention` (on the
@@ -169,25 +169,12 @@ def _squeezed_decode(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   return out[:, None], lse[:, None], kept, summary
 
 
-def _dense_through_kernel(q: jax.Array) -> bool:
-  """Whether `dense` takes the faster of its two exact paths (H200, 128K) through the kernel.
-
-  * one query, or question prefill: the sparse kernel with every row selected, the batch's
-    queries folded into one sequence (`_every_row_attention`: 1.0 ms per layer for one query,
-    against 2.0 ms for XLA);
-  * one query per sequence and several sequences (batched decode): XLA attention, which reads the
-    context once for the whole batch (1.7 ms per layer at batch 8, against 4.3 ms for the kernel).
-
-  q: [B, T, Hq, D].
-  """
-  batch, tokens = q.shape[:2]
-  return tokens > 1 or batch == 1
-
-
 def _every_row_attention(config: MethodConfig, q: jax.Array,
                          layer: ContextLayer) -> tuple[jax.Array, jax.Array]:
   """Attention to every fixed-context key through the sparse kernel with all rows selected, the
-  batch's queries folded into one sequence so that the context is read once for all of them.
+  batch's queries folded so that the context is read once for all of them: at decode into extra
+  query heads of each KV head (the split-K decode kernel, each K/V row read once per KV head
+  for the whole batch), at prefill into one sequence of B x T queries.
 
   q: [B, T, Hq, D]. Returns (out [B, T, Hq, D], lse [B, T, Hq] float32).
   """
@@ -197,19 +184,22 @@ def _every_row_attention(config: MethodConfig, q: jax.Array,
       rows=jnp.broadcast_to(jnp.arange(num_keys, dtype=jnp.int32), (1, num_kv_heads, num_keys)),
       num_rows=jnp.full((1, num_kv_heads), num_keys, jnp.int32),
       clusters=jnp.ones((1,) + layer.counts.shape, bool))
-  folded = q.reshape(1, batch * tokens, num_heads, head_dim)
-  out, lse = pallas_kernels.sparse_attention(
-      folded[:, 0] if batch * tokens == 1 else folded,  # one query: the split-K decode kernel
-      layer.keys, layer.values, every_row, window_keys=layer.window_keys,
+  attend = lambda folded: pallas_kernels.sparse_attention(
+      folded, layer.keys, layer.values, every_row, window_keys=layer.window_keys,
       window_values=layer.window_values, backend=config.backend)
-  return out.reshape(q.shape), lse.reshape(batch, tokens, num_heads)
+  if tokens > 1:
+    out, lse = attend(q.reshape(1, batch * tokens, num_heads, head_dim))
+    return out.reshape(q.shape), lse.reshape(batch, tokens, num_heads)
+  by_head = jnp.swapaxes(queries.group_heads(q, num_kv_heads)[:, 0], 0, 1)  # [Hkv, B, G, D]
+  out, lse = attend(by_head.reshape(1, -1, head_dim))
+  unfold = lambda x: jnp.swapaxes(x.reshape(by_head.shape[:3] + x.shape[2:]), 0, 1)
+  return (unfold(out).reshape(q.shape),
+          unfold(lse).reshape(batch, tokens, num_heads))
 
 
 def _baseline_mask(config: MethodConfig, q: jax.Array, layer: ContextLayer,
                    weights: jax.Array) -> tuple[jax.Array | None, int]:
-  """(key mask [B, Hkv, S'] or None for all keys, summary vectors per lookup)."""
-  if config.name == "dense":
-    return None, 0
+  """(key mask [B, Hkv, S'], summary vectors per lookup) of quest, oracle_topk or streaming."""
   if config.name == "quest":
     mask = baselines.quest_mask(q, layer, weights, page_size=config.page_size,
                                 key_budget=config.key_budget)
@@ -246,7 +236,7 @@ def context_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
     rows = selection.num_rows.astype(jnp.float32)
     mask = _rows_mask(selection, layer.num_clustered) if config.measure_mass else None
   else:
-    if config.name == "dense" and _dense_through_kernel(q):
+    if config.name == "dense":
       mask, num_summary = None, 0
       out, lse = _every_row_attention(config, q, layer)
     else:
