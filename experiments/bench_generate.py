@@ -119,13 +119,9 @@ def _synthetic_context(model: Llama, num_tokens: int) -> FixedContext:
 
 def _median_ms(fn, *args, repeats: int = 20) -> float:
   """Median wall time of fn(*args) in ms, after a compiling call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return round(1e3 * float(np.median(times)), 3)
+  call = lambda: jax.block_until_ready(fn(*args))
+  call()
+  return round(1e3 * _median_seconds(call, repeats), 3)
 
 
 def _step_breakdown(model: Llama, ctx: FixedContext, batch: int, method: str,
@@ -169,8 +165,9 @@ def _seconds(fn) -> float:
   return time.perf_counter() - start
 
 
-def _median_seconds(fn) -> float:
-  return float(np.median([_seconds(fn) for _ in range(_REPEATS.value)]))
+def _median_seconds(fn, repeats: int | None = None) -> float:
+  """Median wall time of fn() in seconds over `repeats` calls (--repeats if None)."""
+  return float(np.median([_seconds(fn) for _ in range(repeats or _REPEATS.value)]))
 
 
 @launcher

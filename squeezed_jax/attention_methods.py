@@ -198,7 +198,7 @@ def _every_row_attention(config: MethodConfig, q: jax.Array,
 
 
 def _baseline_mask(config: MethodConfig, q: jax.Array, layer: ContextLayer,
-                   weights: jax.Array) -> tuple[jax.Array | None, int]:
+                   weights: jax.Array) -> tuple[jax.Array, int]:
   """(key mask [B, Hkv, S'], summary vectors per lookup) of quest, oracle_topk or streaming."""
   if config.name == "quest":
     mask = baselines.quest_mask(q, layer, weights, page_size=config.page_size,

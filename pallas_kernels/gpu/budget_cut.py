@@ -37,20 +37,21 @@ _BISECTION_STEPS = 31
 
 def _budget_cut_kernel(lse_parts_ref, logits_ref, counts_ref, tau_ref, *,
                        num_kv_heads: int, group: int, num_lookup_parts: int,
-                       num_clusters: int, key_budget: int, tile_rows: int):
+                       num_clusters: int, key_budget: int, tile_rows: int,
+                       width: int):
   """One (sequence x KV head) program: tau_ref [] float32.
 
   Refs as in `budget_thresholds` for this KV head: lse_parts_ref [Sp, Mp],
-  logits_ref [Mp, Kp], counts_ref [K].
+  logits_ref [Mp, Kp], counts_ref [K]; the K scores are held as one vector
+  of `width` (a power of two >= K) entries.
   """
-  width = block_sizes_lib.next_power_of_two(num_clusters)
   in_range = jnp.arange(width) < num_clusters
   counts = plgpu.load(counts_ref.at[pl.ds(0, width)], mask=in_range, other=0)
   scores = centroid_scores.group_max_probs(
       lse_parts_ref, logits_ref,
       first_row=(pl.program_id(0) // num_kv_heads) * group, group=group,
-      tile_rows=tile_rows,
-      num_lookup_parts=num_lookup_parts, first_cluster=0, in_range=in_range)
+      tile_rows=tile_rows, num_lookup_parts=num_lookup_parts, first_cluster=0,
+      in_range=in_range)
   scores = jnp.where((counts > 0) & (scores > 0), scores, 0.0)  # NaN -> 0
   bits = lax.bitcast_convert_type(scores, jnp.int32)
 
@@ -100,7 +101,7 @@ def budget_thresholds(logits: jax.Array, lse_parts: jax.Array,
   kernel = functools.partial(
       _budget_cut_kernel, num_kv_heads=num_kv_heads, group=group,
       num_lookup_parts=num_lookup_parts, num_clusters=num_clusters,
-      key_budget=key_budget, tile_rows=tile_rows)
+      key_budget=key_budget, tile_rows=tile_rows, width=width)
   head = lambda *shape: pl.BlockSpec(
       (None, *shape), lambda bh: (bh % num_kv_heads,) + (0,) * len(shape))
   tau = pl.pallas_call(

@@ -71,8 +71,8 @@ def _decode_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
   """One (sequence x KV head, chunk) program.
 
   Refs: threshold_ref [] f32 (this sequence x KV head's tau); lse_parts_ref
-  [Sp, Mp]; logits_ref [Mp, Kp] (rows m = b * G + g of this KV head); counts_ref [K]; offsets_ref [K + 1];
-  q_ref [Mp, D]; k_ref, v_ref [S', D]. Outputs: out_ref [Gq, D] f32 and
+  [Sp, Mp]; logits_ref [Mp, Kp] (rows m = b * G + g of this KV head);
+  counts_ref [K]; offsets_ref [K + 1]; q_ref [Mp, D]; k_ref, v_ref [S', D]. Outputs: out_ref [Gq, D] f32 and
   lse_ref [Gq] (the partial of this chunk for the G query heads, padded to
   Gq rows); kept_ref [C] int32 (1 = kept); rows_ref [] int32 (rows read).
   """
