@@ -427,7 +427,7 @@ def run_case(setup: Setup, case: str, budget: float, dense: dict,
 def time_fused_attention(setup: Setup, qs: list[jax.Array], tau: float,
                          block_sizes: pk.DecodeBlockSizes
                          ) -> tuple[float, float]:
-  """The fused selection + attention kernel (+ merge) alone, no window.
+  """The fused selection + attention kernel (+ its reduce) alone, no window.
 
   Returns (ms, GB/s of the kept K/V rows).
   """
@@ -449,8 +449,8 @@ def time_fused_attention(setup: Setup, qs: list[jax.Array], tau: float,
       gpu_decode.fused_selection_attention(
           q_rows, logits, parts, num_parts, keys, values, ctx.counts,
           ctx.offsets, tau, batch=batch, group=group, window_keys=None,
-          window_values=None, sm_scale=scale, block_sizes=block_sizes,
-          interpret=_INTERPRET.value)))
+          window_values=None, sm_scale=scale, out_dtype=qs[0].dtype,
+          block_sizes=block_sizes, interpret=_INTERPRET.value)))
   ms = timed_ms(fn, inputs)
   rows = float(np.asarray(fn(*inputs[0])[3]).sum())
   return ms, rows * 2 * _HEAD_DIM.value * 2 / (ms * 1e-3) / 1e9
@@ -518,7 +518,8 @@ def sweep(setup: Setup, budget: float) -> list[dict]:
       (False, tiles(block_rows=32)), (False, tiles(num_warps=2)),
       (False, tiles(block_clusters=64, block_rows=32)),
       (False, tiles(num_stages=2)), (False, tiles(num_stages=4)),
-      (False, tiles(lookup=lookup(block_k=64))), (True, tiles()),
+      (False, tiles(lookup=lookup(block_k=64))), (False, tiles(num_warps=8)),
+      (False, tiles(block_rows=128, num_warps=8)), (True, tiles()),
   ]
   for case in ("decode1", "decode8"):
     if case not in _SWEEP_CASES.value:

@@ -14,8 +14,8 @@ layer at a time; K/V have no batch axis):
 * `squeezed_decode_attention(...)`: one decode step with the threshold
   selection fused into the attention kernel (flat or hierarchical lookup; no
   row list, no row cap) -> (out, lse, `KeptClusters`): on the GPU three Pallas
-  kernels (lookup pass, selection + attention, window; four with the
-  hierarchical lookup) and XLA's merge of their partials.
+  kernels (lookup pass, selection + attention, window + merge of the
+  partials; one more for the hierarchical lookup, one more for a key budget).
 
 `backend=None` picks from `jax.default_backend()`: "gpu" (Pallas Triton
 kernels) on GPUs, "tpu" (Pallas Mosaic sparse attention over whole K/V blocks;

@@ -1,5 +1,5 @@
 """The fused GPU decode path (gpu/decode_attention.py, hierarchical_scores.py,
-window_attention.py) vs the float32 references, in interpret mode.
+decode_reduce.py) vs the float32 references, in interpret mode.
 
 Tolerances as in test_pallas_gpu.py: lse to 1e-4; outputs to 1e-2 with bf16
 K/V (softmax weights rounded to bf16 before P.V), 1e-5 with float32. The kept

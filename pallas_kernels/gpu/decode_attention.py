@@ -6,9 +6,9 @@ the lookup and the attention is paid per token: the row-list path
 (~35 us at S = 128K, batch 1: benchmarks/RESULTS.md) on the normaliser, the
 comparison and the compaction (cumulative sums and a scatter over the R-slot
 list). Here three Pallas kernels (four with the hierarchical lookup) do the
-lookup and the attention, around XLA's padding of q and merge of partials
-(one more in the key-budget mode: `budget_cut` turns the budget into each
-(sequence, KV head)'s threshold, by bisection instead of a sort):
+lookup, the attention and its reduce, after XLA's padding of q (one more in
+the key-budget mode: `budget_cut` turns the budget into each (sequence, KV
+head)'s threshold, by bisection instead of a sort):
 
 1. the lookup's single pass (`centroid_scores.single_pass_logits`): logits
    q.C [Hkv, M, K] and per-split log-sum-exps (or, hierarchical, the coarse
@@ -25,8 +25,8 @@ lookup and the attention, around XLA's padding of q and merge of partials
    rows of its own chunk, so no global compaction is needed; chunks of heads
    that keep many rows are simply longer programs, and the grid (thousands of
    programs) balances them;
-3. the observation window's partials (`window_attention`), then XLA merges
-   all partials by log-sum-exp (`merge.merge_stacked`).
+3. `decode_reduce`: the observation window and the log-sum-exp merge of the
+   chunks' partials, one program per query row.
 
 Unlike the row-list path there is no row cap: every kept cluster is read.
 """
@@ -42,14 +42,13 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import block_sizes as block_sizes_lib
-from pallas_kernels import merge
 from pallas_kernels import queries
 from pallas_kernels import selection as selection_lib
 from pallas_kernels.gpu import budget_cut
 from pallas_kernels.gpu import centroid_scores as gpu_scores
+from pallas_kernels.gpu import decode_reduce
 from pallas_kernels.gpu import flash_blocks
 from pallas_kernels.gpu import hierarchical_scores
-from pallas_kernels.gpu import window_attention
 
 
 def _kept_cluster_rows(slots: jax.Array, starts: jax.Array, ends: jax.Array,
@@ -120,10 +119,10 @@ def fused_selection_attention(
     num_lookup_parts: int, keys: jax.Array, values: jax.Array,
     counts: jax.Array, offsets: jax.Array, threshold: float | jax.Array, *,
     batch: int, group: int, window_keys: jax.Array | None,
-    window_values: jax.Array | None, sm_scale: float,
+    window_values: jax.Array | None, sm_scale: float, out_dtype: jnp.dtype,
     block_sizes: block_sizes_lib.DecodeBlockSizes, interpret: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Selection + attention partials of every chunk, merged.
+  """Selection + attention partials of every chunk, reduced with the window.
 
   Args:
     q_rows: [Hkv, Mp, D] decode query rows (m = b * G + g).
@@ -138,17 +137,19 @@ def fused_selection_attention(
     batch, group: B and G.
     window_keys, window_values: [Hkv, W, D] or None.
     sm_scale: softmax scale.
+    out_dtype: dtype of the output.
     block_sizes: tiles.
     interpret: run in the Pallas interpreter.
 
   Returns:
-    out [B, Hkv, G, D] f32, lse [B, Hkv, G] f32, kept [B, Hkv, K] bool,
+    out [B, Hq, D] in out_dtype, lse [B, Hq] f32, kept [B, Hkv, K] bool,
     num_rows [B, Hkv] int32.
   """
   num_kv_heads, num_keys, head_dim = keys.shape
   num_clusters = counts.shape[1]
   block_clusters = block_sizes.block_clusters
   num_chunks = pl.cdiv(num_clusters, block_clusters)
+  num_parts = block_sizes_lib.next_power_of_two(num_chunks)
   q_block = max(16, block_sizes_lib.next_power_of_two(group))
   kernel = functools.partial(
       _decode_kernel, sm_scale=sm_scale, num_kv_heads=num_kv_heads,
@@ -156,7 +157,7 @@ def fused_selection_attention(
       num_clusters=num_clusters, block_rows=block_sizes.block_rows)
   head = lambda *shape: pl.BlockSpec(
       (None, *shape), lambda bh, j: (bh % num_kv_heads,) + (0,) * len(shape))
-  out, lse, kept, num_rows = pl.pallas_call(
+  parts_out, parts_lse, kept, parts_rows = pl.pallas_call(
       kernel,
       grid=(batch * num_kv_heads, num_chunks),
       in_specs=[
@@ -176,15 +177,15 @@ def fused_selection_attention(
           pl.BlockSpec((None, None, block_clusters), lambda bh, j: (j, bh, 0)),
           pl.BlockSpec((None, None), lambda bh, j: (j, bh)),
       ],
-      out_shape=[
+      out_shape=[  # parts num_chunks .. num_parts - 1: padding, unwritten
           jax.ShapeDtypeStruct(
-              (num_chunks, batch * num_kv_heads, q_block, head_dim),
+              (num_parts, batch * num_kv_heads, q_block, head_dim),
               jnp.float32),
-          jax.ShapeDtypeStruct((num_chunks, batch * num_kv_heads, q_block),
+          jax.ShapeDtypeStruct((num_parts, batch * num_kv_heads, q_block),
                                jnp.float32),
           jax.ShapeDtypeStruct(
               (num_chunks, batch * num_kv_heads, block_clusters), jnp.int32),
-          jax.ShapeDtypeStruct((num_chunks, batch * num_kv_heads), jnp.int32),
+          jax.ShapeDtypeStruct((num_parts, batch * num_kv_heads), jnp.int32),
       ],
       compiler_params=plgpu.CompilerParams(
           num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
@@ -195,23 +196,22 @@ def fused_selection_attention(
     counts, offsets, q_rows, keys, values)
   kept = jnp.moveaxis(kept, 0, 1).reshape(
       batch, num_kv_heads, num_chunks * block_clusters)[..., :num_clusters]
-  num_rows = num_rows.sum(axis=0).reshape(batch, num_kv_heads)
   if window_keys is not None:
-    q_tiles = jnp.pad(
-        q_rows[:, :batch * group].reshape(num_kv_heads, batch, group,
-                                          head_dim),
-        ((0, 0), (0, 0), (0, q_block - group), (0, 0)))
-    q_tiles = jnp.swapaxes(q_tiles, 0, 1).reshape(-1, q_block, head_dim)
-    window_out, window_lse = window_attention.window_partials(
-        q_tiles, window_keys.astype(keys.dtype),
-        window_values.astype(keys.dtype), tiles_per_head=1, num_q_rows=group,
-        sm_scale=sm_scale, block_rows=block_sizes.block_rows,
-        window_rows=block_sizes.window_rows, interpret=interpret)
-    out = jnp.concatenate([out, window_out])
-    lse = jnp.concatenate([lse, window_lse])
-  out, lse = merge.merge_stacked(out[:, :, :group], lse[:, :, :group], axis=0)
-  return (out.reshape(batch, num_kv_heads, group, head_dim),
-          lse.reshape(batch, num_kv_heads, group), kept > 0, num_rows)
+    window_keys = window_keys.astype(keys.dtype)
+    window_values = window_values.astype(keys.dtype)
+  pairs = jnp.swapaxes(q_rows[:, :batch * group].reshape(
+      num_kv_heads, batch, group, head_dim), 0, 1)
+  out, lse, num_rows = decode_reduce.reduce_partials(
+      pairs.reshape(batch * num_kv_heads, group, head_dim), parts_out,
+      parts_lse, num_chunks, num_q_rows=group, num_kv_heads=num_kv_heads,
+      parts_rows=parts_rows, window_keys=window_keys,
+      window_values=window_values, sm_scale=sm_scale,
+      block_rows=block_sizes.block_rows, out_dtype=out_dtype,
+      interpret=interpret)
+  num_heads = num_kv_heads * group
+  out = out.reshape(batch, num_heads, head_dim)
+  lse = lse.reshape(batch, num_heads)
+  return out, lse, kept > 0, num_rows.reshape(batch, num_kv_heads)
 
 
 @functools.partial(jax.jit,
@@ -293,7 +293,6 @@ def squeezed_decode_attention(
   out, lse, kept, num_rows = fused_selection_attention(
       q_rows, logits, lse_parts, num_parts, keys, values, counts, offsets,
       threshold, batch=batch, group=group, window_keys=window_keys,
-      window_values=window_values, sm_scale=scale, block_sizes=block_sizes,
-      interpret=interpret)
-  out = out.reshape(batch, num_heads, -1).astype(q.dtype)
-  return out, lse.reshape(batch, num_heads), kept, num_rows, kept_coarse
+      window_values=window_values, sm_scale=scale, out_dtype=q.dtype,
+      block_sizes=block_sizes, interpret=interpret)
+  return out, lse, kept, num_rows, kept_coarse

@@ -10,9 +10,9 @@ Decode: few query rows, so the row list is cut into splits of `split_rows`
 (split-K); every split is equally long, so heads that keep different counts
 still give equal work units (an empty split returns at once) and the GPU's
 block scheduler balances them. The observation window (W contiguous rows,
-always attended) is attended by `window_attention.window_partials` (a window
-loop compiled into this kernel cost it occupancy: benchmarks/RESULTS.md).
-Partials are merged by `merge.merge_stacked`.
+always attended) is attended by `decode_reduce.reduce_partials`, which also
+merges the splits' partials (a window loop compiled into this kernel cost it
+occupancy: benchmarks/RESULTS.md).
 Prefill: a chunk of queries, one split, big query tiles; the window is read by
 that split before its selected rows (occupancy is one program per SM there
 anyway, and no partials need merging).
@@ -28,11 +28,10 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import block_sizes as block_sizes_lib
-from pallas_kernels import merge
 from pallas_kernels import queries
 from pallas_kernels import selection as selection_lib
+from pallas_kernels.gpu import decode_reduce
 from pallas_kernels.gpu import flash_blocks
-from pallas_kernels.gpu import window_attention
 
 
 def _sparse_attention_kernel(num_rows_ref, rows_ref, q_ref, k_ref, v_ref,
@@ -130,9 +129,11 @@ def sparse_attention(
   window = 0 if window_keys is None else window_keys.shape[1]
   window_inputs = [] if window == 0 else [window_keys.astype(keys.dtype),
                                           window_values.astype(keys.dtype)]
-  # Decode (split-K): the window in a kernel of its own; prefill: in here.
-  separate_window = bool(window) and block_sizes.split_rows is not None
-  kernel_window_inputs = [] if separate_window else window_inputs
+  # Decode (split-K): the window in the reduce of the splits; prefill: in here.
+  split_k = block_sizes.split_rows is not None
+  kernel_window_inputs = [] if split_k else window_inputs
+  # The reduce reads a power-of-two split axis; splits past num_splits unwritten.
+  num_parts = block_sizes_lib.next_power_of_two(num_splits) if split_k else 1
 
   kernel = functools.partial(
       _sparse_attention_kernel, sm_scale=scale,
@@ -159,31 +160,26 @@ def sparse_attention(
       ],
       out_shape=[
           jax.ShapeDtypeStruct(
-              (num_splits, batch * num_kv_heads, q_rows_padded, head_dim),
+              (num_parts, batch * num_kv_heads, q_rows_padded, head_dim),
               jnp.float32),
           jax.ShapeDtypeStruct(
-              (num_splits, batch * num_kv_heads, q_rows_padded), jnp.float32),
+              (num_parts, batch * num_kv_heads, q_rows_padded), jnp.float32),
       ],
       compiler_params=plgpu.CompilerParams(
           num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
       interpret=interpret,
       name="squeezed_sparse_attention",
   )(num_rows, rows, q_rows, keys, values, *kernel_window_inputs)
-  if separate_window:
-    tiles = q_rows_padded // block_sizes.block_m
-    window_out, window_lse = window_attention.window_partials(
-        q_rows.reshape(-1, block_sizes.block_m, head_dim), *window_inputs,
-        tiles_per_head=tiles, num_q_rows=num_q_rows, sm_scale=scale,
-        block_rows=block_sizes.block_rows, window_rows=split_rows,
+  if split_k:
+    out, lse, _ = decode_reduce.reduce_partials(
+        q_rows, out, lse, num_splits, num_q_rows=num_q_rows,
+        num_kv_heads=num_kv_heads,
+        window_keys=window_inputs[0] if window_inputs else None,
+        window_values=window_inputs[1] if window_inputs else None,
+        sm_scale=scale, block_rows=block_sizes.block_rows, out_dtype=q.dtype,
         interpret=interpret)
-    out = jnp.concatenate([out, window_out.reshape(-1, *out.shape[1:])])
-    lse = jnp.concatenate([lse, window_lse.reshape(-1, *lse.shape[1:])])
-    num_splits = out.shape[0]
-  out, lse = out[:, :, :num_q_rows], lse[:, :, :num_q_rows]
-  if num_splits > 1:
-    out, lse = merge.merge_stacked(out, lse, axis=0)
   else:
-    out, lse = out[0], lse[0]
+    out, lse = out[0, :, :num_q_rows], lse[0, :, :num_q_rows]
   out = out.reshape(batch, num_kv_heads, tokens, group, head_dim)
   lse = lse.reshape(batch, num_kv_heads, tokens, group)
   return queries.ungroup(jnp.swapaxes(out, 2, 3), jnp.swapaxes(lse, 2, 3),
