@@ -117,9 +117,8 @@ class DecodeBlockSizes:
     block_clusters: consecutive clusters per attention program (a chunk); the
       program compacts the chunk's kept clusters in registers.
     block_rows: kept (or window) rows gathered per inner-loop step; each step
-      compares its slots with the chunk's clusters ([block_rows,
-      block_clusters] values in registers).
-    window_rows: observation-window rows per window program.
+      of the attention compares its slots with the chunk's clusters
+      ([block_rows, block_clusters] values in registers).
     num_warps: warps per attention program.
     num_stages: software-pipelining depth of the attention's gathers.
     coarse_block: coarse clusters per program of the hierarchical fine
@@ -131,7 +130,6 @@ class DecodeBlockSizes:
 
   block_clusters: int = 128
   block_rows: int = 64
-  window_rows: int = 512
   num_warps: int = 4
   num_stages: int = 3
   coarse_block: int = 16
@@ -146,5 +144,3 @@ class DecodeBlockSizes:
     if min(self.block_rows, self.coarse_block, self.fine_block) < 16:
       raise ValueError(f"{self.block_rows=}, {self.coarse_block=} and "
                        f"{self.fine_block=} must be >= 16")
-    if self.window_rows < 1:
-      raise ValueError(f"{self.window_rows=} must be >= 1")

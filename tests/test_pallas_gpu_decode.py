@@ -21,11 +21,12 @@ from pallas_kernels import synthetic
 from pallas_kernels.gpu import decode_attention
 
 NUM_KV_HEADS, NUM_KEYS, NUM_CLUSTERS, NUM_COARSE, WINDOW = 2, 300, 23, 5, 37
-# Chunks of 8 clusters (the last one partial), 3 window programs, coarse
-# chunks of 16 (partial), lookup tiles of 16 centroids two per program.
+# Chunks of 8 clusters (the last one partial), window steps of 16 rows (3
+# in all), coarse chunks of 16 (partial), lookup tiles of 16 centroids two
+# per program.
 TILES = block_sizes.DecodeBlockSizes(
-    block_clusters=8, block_rows=16, window_rows=16, coarse_block=16,
-    fine_block=16, lookup=block_sizes.LookupBlockSizes(
+    block_clusters=8, block_rows=16, coarse_block=16, fine_block=16,
+    lookup=block_sizes.LookupBlockSizes(
         block_k=16, single_pass_max_rows=16, single_pass_tiles=2))
 
 

@@ -11,7 +11,7 @@ share of the row list (`sparse_attention.py`). Here one program per
   * writes the output in its final dtype, the lse, and (fused decode) the
     rows the chunks read.
 One kernel, where the window kernel and XLA's concatenation and merge of the
-partials took seven (16 us per layer at S = 128K, batch 1:
+partials took six (16 us per layer at S = 128K, batch 1:
 benchmarks/RESULTS.md).
 """
 
