@@ -22,13 +22,13 @@ NUM_KV_HEADS, WINDOW = 2, 37
 
 def _partials(batch, group, head_dim, num_parts, padded_parts, empty):
   """Random partials of B x Hkv pairs; parts past num_parts hold NaN."""
-  keys = jax.random.split(jax.random.key(num_parts + group), 3)
+  keys = jax.random.split(jax.random.key(num_parts + group), 4)
   shape = (padded_parts, batch * NUM_KV_HEADS, 16)
   out = jax.random.normal(keys[0], shape + (head_dim,))
   lse = 3.0 * jax.random.normal(keys[1], shape)
   lse = jnp.where(jax.random.bernoulli(keys[2], empty, shape), -jnp.inf, lse)
   written = (jnp.arange(padded_parts) < num_parts)[:, None, None]
-  rows = jax.random.randint(keys[2], shape[:2], 0, 1000)
+  rows = jax.random.randint(keys[3], shape[:2], 0, 1000)
   return (jnp.where(written[..., None], out, jnp.nan),
           jnp.where(written, lse, jnp.nan),
           jnp.where(written[..., 0], rows, 10 ** 6))
