@@ -518,7 +518,12 @@ def sweep(setup: Setup, budget: float) -> list[dict]:
       (False, tiles(block_rows=32)), (False, tiles(num_warps=2)),
       (False, tiles(block_clusters=64, block_rows=32)),
       (False, tiles(num_stages=2)), (False, tiles(num_stages=4)),
-      (False, tiles(lookup=lookup(block_k=64))), (False, tiles(num_warps=8)),
+      (False, tiles(lookup=lookup(block_k=64))),
+      (False, tiles(lookup=lookup(num_warps=8))),
+      (False, tiles(lookup=lookup(block_k=256, num_warps=8))),
+      (False, tiles(lookup=lookup(block_k=64, num_warps=2))),
+      (False, tiles(lookup=lookup(single_pass_tiles=2, num_warps=8))),
+      (False, tiles(num_warps=8)),
       (False, tiles(block_rows=128, num_warps=8)), (True, tiles()),
   ]
   for case in ("decode1", "decode8"):
