@@ -11,11 +11,12 @@ user tokens) it times, after warm-up:
     rows, and the whole `squeezed_lookup_attention` (lookup + selection +
     attention over the rows and the observation window), with float32
     centroids (the layout) and bfloat16 centroids (half the lookup's bytes);
-  * decode only, the fused path `squeezed_decode_attention` (selection inside
-    the attention kernel): flat lookup with float32 / bfloat16 centroids, the
-    hierarchical lookup (coarse level = 1% of S', coarse threshold keeping
-    `--coarse_keep` of the keys, fine threshold calibrated for the same
-    budget), and the fused attention kernel alone (its K/V bandwidth).
+  * decode only, the fused path `squeezed_decode_attention` (selection and
+    attention kernels, no XLA between them): flat lookup with float32 /
+    bfloat16 centroids, the hierarchical lookup (coarse level = 1% of S',
+    coarse threshold keeping `--coarse_keep` of the keys, fine threshold
+    calibrated for the same budget), and its selection, attention and reduce
+    alone (the K/V bandwidth).
 With --sweep it first times tile variants (the tuning behind the defaults in
 pallas_kernels/block_sizes.py; --tune then times the fused cases with the
 fastest decode tiles); with --profile it traces decode and prefill calls and
@@ -427,7 +428,7 @@ def run_case(setup: Setup, case: str, budget: float, dense: dict,
 def time_fused_attention(setup: Setup, qs: list[jax.Array], tau: float,
                          block_sizes: pk.DecodeBlockSizes
                          ) -> tuple[float, float]:
-  """The fused selection + attention kernel (+ its reduce) alone, no window.
+  """The selection and attention kernels (+ the reduce) alone, no window.
 
   Returns (ms, GB/s of the kept K/V rows).
   """
@@ -513,18 +514,13 @@ def sweep(setup: Setup, budget: float) -> list[dict]:
   lookup = pk.LookupBlockSizes
   tiles = pk.DecodeBlockSizes
   variants = [  # (hierarchical, tiles)
-      (False, tiles()), (False, tiles(block_clusters=256)),
-      (False, tiles(block_clusters=256, block_rows=32)),
-      (False, tiles(block_rows=32)), (False, tiles(num_warps=2)),
-      (False, tiles(block_clusters=64, block_rows=32)),
-      (False, tiles(num_stages=2)), (False, tiles(num_stages=4)),
-      (False, tiles(lookup=lookup(block_k=64))),
-      (False, tiles(lookup=lookup(num_warps=8))),
-      (False, tiles(lookup=lookup(block_k=256, num_warps=8))),
-      (False, tiles(lookup=lookup(block_k=64, num_warps=2))),
-      (False, tiles(lookup=lookup(single_pass_tiles=2, num_warps=8))),
-      (False, tiles(num_warps=8)),
-      (False, tiles(block_rows=128, num_warps=8)), (True, tiles()),
+      (False, tiles()), (False, tiles(num_warps=4)),
+      (False, tiles(piece_rows=1)), (False, tiles(piece_rows=4)),
+      (False, tiles(piece_rows=16)), (False, tiles(block_clusters=256)),
+      (False, tiles(block_clusters=64)), (False, tiles(block_rows=32)),
+      (False, tiles(block_rows=128)), (False, tiles(num_stages=2)),
+      (False, tiles(num_stages=4)),
+      (False, tiles(lookup=lookup(block_k=64))), (True, tiles()),
   ]
   for case in ("decode1", "decode8"):
     if case not in _SWEEP_CASES.value:

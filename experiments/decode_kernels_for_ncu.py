@@ -4,7 +4,7 @@ Two decode paths over one synthetic clustered context (the shapes of
 `bench_attention`: Hq = Hkv = 32, D = 128, bf16 K/V, 5% centroids in bf16),
 one query token, a key budget:
   * fused: `squeezed_decode_attention(key_budget=)` (lookup pass, budget cut,
-    fused selection + attention, reduce);
+    selection, attention, reduce);
   * row list: the same budget's row list (selected once, before the calls) and
     `sparse_attention` (split-K kernel, reduce).
 ncu replays each kernel and restores the memory it writes, so XLA must not
@@ -13,10 +13,10 @@ preallocate the GPU's memory. On the H200 (from the repository root):
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD \\
     ncu --clock-control none --section SpeedOfLight --section Occupancy \\
     --section WarpStateStats --section SchedulerStats -k regex:squeezed \\
-    -c 7 python3 -m experiments.decode_kernels_for_ncu
+    -c 8 python3 -m experiments.decode_kernels_for_ncu
 
-profiles the first call of each path (7 kernels: the row list's lookup, then
-the fused path's four and the row-list path's two). Results: RESULTS.md,
+profiles the first call of each path (8 kernels: the row list's lookup, then
+the fused path's five and the row-list path's two). Results: RESULTS.md,
 "Sixth pass".
 """
 

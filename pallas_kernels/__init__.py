@@ -12,10 +12,11 @@ layer at a time; K/V have no batch axis):
 * `squeezed_lookup_attention(...)`: all of the above, plus the observation
   window, in one call.
 * `squeezed_decode_attention(...)`: one decode step with the threshold
-  selection fused into the attention kernel (flat or hierarchical lookup; no
-  row list, no row cap) -> (out, lse, `KeptClusters`): on the GPU three Pallas
-  kernels (lookup pass, selection + attention, window + merge of the
-  partials; one more for the hierarchical lookup, one more for a key budget).
+  selection on the GPU (flat or hierarchical lookup; no global row list, no
+  row cap) -> (out, lse, `KeptClusters`): on the GPU four Pallas kernels
+  (lookup pass, selection into per-chunk lists of kept rows, attention over
+  them, window + merge of the partials; one more for the hierarchical lookup,
+  one more for a key budget).
 
 `backend=None` picks from `jax.default_backend()`: "gpu" (Pallas Triton
 kernels) on GPUs, "tpu" (Pallas Mosaic sparse attention over whole K/V blocks;
@@ -213,9 +214,9 @@ def squeezed_decode_attention(
   `gpu/budget_cut.py`). With the coarse level given, the
   lookup is hierarchical (`references.hierarchical_centroid_scores`, every
   candidate scored: no `max_fine_clusters` cap). On the GPU (B x G <=
-  `block_sizes.lookup.single_pass_max_rows`) the selection runs inside the
-  attention kernel (`gpu/decode_attention.py`); elsewhere it is the
-  row-list path with R = S'.
+  `block_sizes.lookup.single_pass_max_rows`) a selection kernel lists
+  each chunk of clusters' kept rows for the attention kernel
+  (`gpu/decode_attention.py`); elsewhere it is the row-list path with R = S'.
 
   Args:
     q: [B, Hq, D] one token per sequence, post-RoPE.

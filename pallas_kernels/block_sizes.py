@@ -114,11 +114,11 @@ class DecodeBlockSizes:
   """Tiles of the fused decode path (`gpu/decode_attention.py`).
 
   Attributes:
-    block_clusters: consecutive clusters per attention program (a chunk); the
-      program compacts the chunk's kept clusters in registers.
-    block_rows: kept (or window) rows gathered per inner-loop step; each step
-      of the attention compares its slots with the chunk's clusters
-      ([block_rows, block_clusters] values in registers).
+    block_clusters: consecutive clusters per selection and attention program
+      (a chunk); the selection lists the chunk's kept clusters.
+    block_rows: kept (or window) rows gathered per inner-loop step.
+    piece_rows: rows per entry of the selection's lists (a kept cluster of N
+      rows takes ceil(N / piece_rows) entries; 1: a plain row list).
     num_warps: warps per attention program.
     num_stages: software-pipelining depth of the attention's gathers.
     coarse_block: coarse clusters per program of the hierarchical fine
@@ -130,7 +130,8 @@ class DecodeBlockSizes:
 
   block_clusters: int = 128
   block_rows: int = 64
-  num_warps: int = 4
+  piece_rows: int = 8
+  num_warps: int = 2
   num_stages: int = 3
   coarse_block: int = 16
   fine_block: int = 64
@@ -139,8 +140,11 @@ class DecodeBlockSizes:
   def __post_init__(self):
     _check_power_of_two(block_clusters=self.block_clusters,
                         block_rows=self.block_rows,
+                        piece_rows=self.piece_rows,
                         coarse_block=self.coarse_block,
                         fine_block=self.fine_block)
+    if self.piece_rows > self.block_rows:
+      raise ValueError(f"{self.piece_rows=} must be <= {self.block_rows=}")
     if min(self.block_rows, self.coarse_block, self.fine_block) < 16:
       raise ValueError(f"{self.block_rows=}, {self.coarse_block=} and "
                        f"{self.fine_block=} must be >= 16")

@@ -9,7 +9,7 @@ exactly by log-sum-exp (`pallas_kernels.merge_partials`). Methods for (a):
   squeezed               centroid lookup, clusters above tau (or the top clusters within a key
                          budget), sparse attention over their rows (`pallas_kernels`). A decode
                          token goes through `pallas_kernels.squeezed_decode_attention` (on the
-                         GPU the selection runs inside the attention kernel, no row list).
+                         GPU the selection is a Pallas kernel, no global row list).
   squeezed_hierarchical  coarse lookup above the coarse tau, then only the fine centroids inside
                          the kept coarse clusters, then as `squeezed`.
   quest, oracle_topk, streaming   the baselines of `squeezed_jax.baselines` (XLA).
@@ -147,7 +147,7 @@ def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
 def _squeezed_decode(config: MethodConfig, q: jax.Array, layer: ContextLayer,
                      query_mask: jax.Array):
   """One decode token per sequence through `pallas_kernels.squeezed_decode_attention` (on the
-  GPU the selection runs inside the attention kernel; every kept cluster is read: no row cap,
+  GPU the selection is a Pallas kernel; every kept cluster is read: no row cap,
   and the hierarchical lookup scores every candidate).
 
   q: [B, 1, Hq, D]; query_mask: [B, 1] (a sequence whose token is not real keeps no cluster).

@@ -9,6 +9,8 @@ reference scores, far from any score in float32 rounding terms).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,6 +96,31 @@ def test_flat_lookup(batch, group, head_dim, dtype, window):
     if which == "none" and not window:
       assert np.isneginf(np.asarray(lse)).all()
       np.testing.assert_array_equal(np.asarray(out, np.float32), 0.0)
+
+
+@pytest.mark.parametrize("piece_rows", [1, 8, 16])
+def test_the_densest_piece_lists_do_not_overlap(piece_rows):
+  """Clusters of 1 and piece_rows + 1 keys (one piece; two, the second
+  holding one row): as many list entries per row as a chunk can have, every
+  cluster kept. One-row pieces: a plain row list; pieces of a whole step."""
+  counts = jnp.tile(jnp.array([1, piece_rows + 1], jnp.int32),
+                    (NUM_KV_HEADS, 12))
+  num_keys = int(counts[0].sum())
+  keys, values = jax.random.normal(jax.random.key(8),
+                                   (2, NUM_KV_HEADS, num_keys, 64))
+  ctx = synthetic.ClusteredContext(
+      keys=keys, values=values, centroids=synthetic.cluster_means(keys, counts),
+      counts=counts, offsets=synthetic.offsets_from_counts(counts))
+  q = jax.random.normal(jax.random.key(9), (2, NUM_KV_HEADS * 2, 64))
+  out, lse, kept, num_rows, _ = decode_attention.squeezed_decode_attention(
+      q, keys, values, ctx.centroids, counts, ctx.offsets, -1.0,
+      block_sizes=dataclasses.replace(TILES, piece_rows=piece_rows),
+      interpret=True)
+  assert bool(kept.all())
+  np.testing.assert_array_equal(num_rows, num_keys)
+  want_out, want_lse = references.attention(q, keys, values)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(

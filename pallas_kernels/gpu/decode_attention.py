@@ -1,32 +1,38 @@
-"""Decode attention with the threshold selection fused in, Pallas GPU.
+"""Decode attention with the threshold selection done on the GPU, Pallas GPU.
 
 Decode re-selects clusters at every token and layer, so what happens between
 the lookup and the attention is paid per token: the row-list path
 (`select_clusters`, then `sparse_attention`) spends 12 small XLA kernels
 (~35 us at S = 128K, batch 1: benchmarks/RESULTS.md) on the normaliser, the
 comparison and the compaction (cumulative sums and a scatter over the R-slot
-list). Here three Pallas kernels (four with the hierarchical lookup) do the
-lookup, the attention and its reduce, after XLA's padding of q (one more in
-the key-budget mode: `budget_cut` turns the budget into each (sequence, KV
-head)'s threshold, by bisection instead of a sort):
+list). Here four Pallas kernels (five with the hierarchical lookup) do the
+lookup, the selection, the attention and its reduce, after XLA's padding of
+q (one more in the key-budget mode: `budget_cut` turns the budget into each
+(sequence, KV head)'s threshold, by bisection instead of a sort):
 
 1. the lookup's single pass (`centroid_scores.single_pass_logits`): logits
    q.C [Hkv, M, K] and per-split log-sum-exps (or, hierarchical, the coarse
    pass and `hierarchical_scores.fine_logits`);
-2. this kernel, one program per (sequence x KV head, chunk of
-   `block_clusters` consecutive clusters): it finishes the normaliser from the
-   lse parts, computes s_j = exp(logit_j - lse) for the G query heads of its
-   sequence, keeps cluster j iff max_g s_j > tau (and N_j > 0), compacts the
-   kept clusters of the chunk in registers (a cumulative sum of their sizes),
-   and walks their rows: slot r of the chunk's list is row
-   offsets[c] + r - start[c] of the kept cluster c with
-   start[c] <= r < start[c] + N_c (a [block_rows, block_clusters] compare,
-   no sort, no scatter, no row list in memory). Each program gathers only the
-   rows of its own chunk, so no global compaction is needed; chunks of heads
-   that keep many rows are simply longer programs, and the grid (thousands of
-   programs) balances them;
-3. `decode_reduce`: the observation window and the log-sum-exp merge of the
+2. the selection, one program per (sequence x KV head, chunk of
+   `block_clusters` consecutive clusters): it finishes the normaliser from
+   the lse parts, computes s_j = exp(logit_j - lse) for the G query heads of
+   its sequence, keeps cluster j iff max_g s_j > tau (and N_j > 0), and
+   writes the chunk's kept clusters as a list of pieces of up to
+   `piece_rows` consecutive rows (a cumulative sum gives each cluster its
+   entries; one step per piece of the largest kept cluster writes them all:
+   no sort, no global compaction). Each chunk writes its own segment of the
+   list, so the chunks need no coordination;
+3. the attention, one program per (sequence x KV head, chunk): it walks its
+   chunk's pieces, gathers their rows and keeps an online softmax. Chunks of
+   heads that keep many rows are simply longer programs, and the grid
+   (thousands of programs) balances them;
+4. `decode_reduce`: the observation window and the log-sum-exp merge of the
    chunks' partials, one program per query row.
+
+A first version did the selection inside the attention program and mapped
+each slot of a step to its row by comparing it with every cluster of the
+chunk. That made the attention issue-bound at 64% of the copy bandwidth,
+and at batch 8 the slower one (benchmarks/RESULTS.md, sixth pass).
 
 Unlike the row-list path there is no row cap: every kept cluster is read.
 """
@@ -51,67 +57,89 @@ from pallas_kernels.gpu import flash_blocks
 from pallas_kernels.gpu import hierarchical_scores
 
 
-def _kept_cluster_rows(slots: jax.Array, starts: jax.Array, ends: jax.Array,
-                       shifts: jax.Array) -> jax.Array:
-  """Row of each slot of a compacted list of kept clusters.
+def _piece_list_start(offsets_ref, chunk: jnp.ndarray, block_clusters: int,
+                      piece_rows: int) -> jnp.ndarray:
+  """First entry of a chunk's segment of its pair's piece list.
 
-  slots [R] int32; starts, ends [C] slot range of each cluster (empty for
-  clusters not kept); shifts [C] = first row - start. Returns [R] int32
-  (slot + shift of the cluster holding it; the slot itself if none does).
+  A kept cluster of N rows takes ceil(N / piece_rows) entries (packed as in
+  `flash_blocks.attend_listed`), so a chunk of C clusters with R rows in all
+  has at most R / piece_rows + C of them: segments starting at
+  offsets[first] // piece_rows + first + chunk (first = chunk * C) never
+  overlap, and the list needs S' // piece_rows + K + num_chunks entries.
   """
-  hit = (starts[None, :] <= slots[:, None]) & (slots[:, None] < ends[None, :])
-  return slots + jnp.where(hit, shifts[None, :], 0).sum(axis=1)
+  first = chunk * block_clusters
+  return offsets_ref[first] // piece_rows + first + chunk
 
 
-def _decode_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
-                   offsets_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, kept_ref,
-                   rows_ref, *, sm_scale: float, num_kv_heads: int, group: int,
-                   num_lookup_parts: int, num_clusters: int, block_rows: int):
-  """One (sequence x KV head, chunk) program.
+def _select_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
+                   offsets_ref, pieces_ref, chunk_rows_ref, chunk_pieces_ref,
+                   kept_ref, *, num_kv_heads: int, group: int,
+                   num_lookup_parts: int, num_clusters: int, tile_rows: int,
+                   piece_rows: int):
+  """One (sequence x KV head, chunk) program: its kept clusters, as pieces.
 
   Refs: threshold_ref [] f32 (this sequence x KV head's tau); lse_parts_ref
   [Sp, Mp]; logits_ref [Mp, Kp] (rows m = b * G + g of this KV head);
-  counts_ref [K]; offsets_ref [K + 1]; q_ref [Mp, D]; k_ref, v_ref [S', D]. Outputs: out_ref [Gq, D] f32 and
-  lse_ref [Gq] (the partial of this chunk for the G query heads, padded to
-  Gq rows); kept_ref [C] int32 (1 = kept); rows_ref [] int32 (rows read).
+  counts_ref [K]; offsets_ref [K + 1]. Outputs: pieces_ref [E] int32, of
+  which this program writes its chunk's segment (`_piece_list_start`): the
+  kept clusters in order, each as pieces of up to piece_rows rows;
+  chunk_rows_ref, chunk_pieces_ref [] int32 (kept rows, pieces written);
+  kept_ref [C] int32 (1 = kept).
   """
-  chunk = pl.program_id(1)
-  q_block, head_dim = out_ref.shape
   block_clusters = kept_ref.shape[0]
+  first = pl.program_id(1) * block_clusters
+  in_range = first + jnp.arange(block_clusters) < num_clusters
+  scores = gpu_scores.group_max_probs(
+      lse_parts_ref, logits_ref,
+      first_row=(pl.program_id(0) // num_kv_heads) * group, group=group,
+      tile_rows=tile_rows, num_lookup_parts=num_lookup_parts,
+      first_cluster=first, in_range=in_range)
+  chunk = pl.ds(first, block_clusters)
+  counts = plgpu.load(counts_ref.at[chunk], mask=in_range, other=0)
+  keep = (scores > threshold_ref[()]) & (counts > 0)
+  sizes = jnp.where(keep, counts, 0)
+  pieces = (sizes + piece_rows - 1) // piece_rows
+  first_rows = plgpu.load(offsets_ref.at[chunk], mask=in_range, other=0)
+  first_entries = (_piece_list_start(offsets_ref, pl.program_id(1),
+                                     block_clusters, piece_rows)
+                   + jnp.cumsum(pieces) - pieces)
+
+  def write(piece, carry):
+    rows = jnp.minimum(sizes - piece * piece_rows, piece_rows)
+    plgpu.store(pieces_ref.at[first_entries + piece],
+                (first_rows + piece * piece_rows) * piece_rows + rows - 1,
+                mask=piece < pieces)
+    return carry
+
+  lax.fori_loop(0, pieces.max(), write, 0)
+  chunk_rows_ref[...] = sizes.sum()
+  chunk_pieces_ref[...] = pieces.sum()
+  kept_ref[...] = keep.astype(jnp.int32)
+
+
+def _attend_kernel(chunk_pieces_ref, offsets_ref, pieces_ref, q_ref, k_ref,
+                   v_ref, out_ref, lse_ref, *, sm_scale: float,
+                   num_kv_heads: int, group: int, block_clusters: int,
+                   block_rows: int, piece_rows: int):
+  """One (sequence x KV head, chunk) program: attention over its kept rows.
+
+  Refs: chunk_pieces_ref [] int32 and pieces_ref [E] from `_select_kernel`;
+  offsets_ref [K + 1]; q_ref [Mp, D]; k_ref, v_ref [S', D]. Outputs: out_ref
+  [Gq, D] f32 and lse_ref [Gq] (the chunk's partial for the G query heads,
+  padded to Gq rows).
+  """
+  q_block, head_dim = out_ref.shape
   real = jnp.arange(q_block) < group
   first_row = (pl.program_id(0) // num_kv_heads) * group
   q = plgpu.load(q_ref.at[pl.ds(first_row, q_block)], mask=real[:, None],
                  other=0.0).astype(k_ref.dtype)
-
-  first = chunk * block_clusters
-  in_range = first + jnp.arange(block_clusters) < num_clusters
-  scores = gpu_scores.group_max_probs(
-      lse_parts_ref, logits_ref, first_row=first_row, group=group,
-      tile_rows=q_block, num_lookup_parts=num_lookup_parts,
-      first_cluster=first, in_range=in_range)
-  counts = plgpu.load(counts_ref.at[pl.ds(first, block_clusters)],
-                      mask=in_range, other=0)
-  keep = (scores > threshold_ref[()]) & (counts > 0)
-  sizes = jnp.where(keep, counts, 0)
-  ends = jnp.cumsum(sizes)
-  starts = ends - sizes
-  shifts = plgpu.load(offsets_ref.at[pl.ds(first, block_clusters)],
-                      mask=in_range, other=0) - starts
-  total = sizes.sum()
-
-  def block(index, carry):
-    slots = index * block_rows + jnp.arange(block_rows)
-    valid = slots < total
-    rows = _kept_cluster_rows(slots, starts, ends, shifts)
-    k = flash_blocks.gather_rows(k_ref, rows, valid)
-    v = flash_blocks.gather_rows(v_ref, rows, valid)
-    return flash_blocks.online_update(q, k, v, valid, carry, sm_scale)
-
-  carry = lax.fori_loop(0, pl.cdiv(total, block_rows), block,
-                        flash_blocks.empty_carry(q_block, head_dim))
+  start = _piece_list_start(offsets_ref, pl.program_id(1), block_clusters,
+                            piece_rows)
+  carry = flash_blocks.attend_listed(
+      q, pieces_ref, k_ref, v_ref, start, start + chunk_pieces_ref[()],
+      block_rows, flash_blocks.empty_carry(q_block, head_dim), sm_scale,
+      piece_rows=piece_rows)
   flash_blocks.store_partial(out_ref, lse_ref, carry, real)
-  kept_ref[...] = keep.astype(jnp.int32)
-  rows_ref[...] = total
 
 
 def fused_selection_attention(
@@ -150,22 +178,61 @@ def fused_selection_attention(
   block_clusters = block_sizes.block_clusters
   num_chunks = pl.cdiv(num_clusters, block_clusters)
   num_parts = block_sizes_lib.next_power_of_two(num_chunks)
+  num_pairs = batch * num_kv_heads
   q_block = max(16, block_sizes_lib.next_power_of_two(group))
-  kernel = functools.partial(
-      _decode_kernel, sm_scale=sm_scale, num_kv_heads=num_kv_heads,
-      group=group, num_lookup_parts=num_lookup_parts,
-      num_clusters=num_clusters, block_rows=block_sizes.block_rows)
+  grid = (num_pairs, num_chunks)
   head = lambda *shape: pl.BlockSpec(
       (None, *shape), lambda bh, j: (bh % num_kv_heads,) + (0,) * len(shape))
-  parts_out, parts_lse, kept, parts_rows = pl.pallas_call(
-      kernel,
-      grid=(batch * num_kv_heads, num_chunks),
+  piece_rows = block_sizes.piece_rows
+  if num_keys * piece_rows >= 2**31:
+    raise ValueError(f"{num_keys=} x {piece_rows=} must be < 2**31 (the "
+                     "selection's list packs a row and a count in int32)")
+  num_entries = num_keys // piece_rows + num_clusters + num_chunks
+  pair_list = pl.BlockSpec((None, num_entries), lambda bh, j: (bh, 0))
+  per_chunk = pl.BlockSpec((None, None), lambda bh, j: (j, bh))
+  select = functools.partial(
+      _select_kernel, num_kv_heads=num_kv_heads, group=group,
+      num_lookup_parts=num_lookup_parts, num_clusters=num_clusters,
+      tile_rows=q_block, piece_rows=piece_rows)
+  pieces, parts_rows, chunk_pieces, kept = pl.pallas_call(
+      select,
+      grid=grid,
       in_specs=[
           pl.BlockSpec((None,), lambda bh, j: (bh,)),
           head(*lse_parts.shape[1:]),
           head(*logits.shape[1:]),
           head(num_clusters),
           head(num_clusters + 1),
+      ],
+      out_specs=[
+          pair_list, per_chunk, per_chunk,
+          pl.BlockSpec((None, None, block_clusters), lambda bh, j: (j, bh, 0)),
+      ],
+      out_shape=[  # list entries past each chunk's pieces and parts past
+          # num_chunks (padding) unwritten
+          jax.ShapeDtypeStruct((num_pairs, num_entries), jnp.int32),
+          jax.ShapeDtypeStruct((num_parts, num_pairs), jnp.int32),
+          jax.ShapeDtypeStruct((num_chunks, num_pairs), jnp.int32),
+          jax.ShapeDtypeStruct((num_chunks, num_pairs, block_clusters),
+                               jnp.int32),
+      ],
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="squeezed_decode_selection",
+  )(jnp.broadcast_to(jnp.asarray(threshold, jnp.float32),
+                      (batch, num_kv_heads)).reshape(-1), lse_parts, logits,
+    counts, offsets)
+  attend = functools.partial(
+      _attend_kernel, sm_scale=sm_scale, num_kv_heads=num_kv_heads,
+      group=group, block_clusters=block_clusters,
+      block_rows=block_sizes.block_rows, piece_rows=piece_rows)
+  parts_out, parts_lse = pl.pallas_call(
+      attend,
+      grid=grid,
+      in_specs=[
+          per_chunk,
+          head(num_clusters + 1),
+          pair_list,
           head(*q_rows.shape[1:]),
           head(num_keys, head_dim),
           head(num_keys, head_dim),
@@ -174,26 +241,17 @@ def fused_selection_attention(
           pl.BlockSpec((None, None, q_block, head_dim),
                        lambda bh, j: (j, bh, 0, 0)),
           pl.BlockSpec((None, None, q_block), lambda bh, j: (j, bh, 0)),
-          pl.BlockSpec((None, None, block_clusters), lambda bh, j: (j, bh, 0)),
-          pl.BlockSpec((None, None), lambda bh, j: (j, bh)),
       ],
       out_shape=[  # parts num_chunks .. num_parts - 1: padding, unwritten
-          jax.ShapeDtypeStruct(
-              (num_parts, batch * num_kv_heads, q_block, head_dim),
-              jnp.float32),
-          jax.ShapeDtypeStruct((num_parts, batch * num_kv_heads, q_block),
+          jax.ShapeDtypeStruct((num_parts, num_pairs, q_block, head_dim),
                                jnp.float32),
-          jax.ShapeDtypeStruct(
-              (num_chunks, batch * num_kv_heads, block_clusters), jnp.int32),
-          jax.ShapeDtypeStruct((num_parts, batch * num_kv_heads), jnp.int32),
+          jax.ShapeDtypeStruct((num_parts, num_pairs, q_block), jnp.float32),
       ],
       compiler_params=plgpu.CompilerParams(
           num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
       interpret=interpret,
       name="squeezed_decode_attention",
-  )(jnp.broadcast_to(jnp.asarray(threshold, jnp.float32),
-                      (batch, num_kv_heads)).reshape(-1), lse_parts, logits,
-    counts, offsets, q_rows, keys, values)
+  )(chunk_pieces, offsets, pieces, q_rows, keys, values)
   kept = jnp.moveaxis(kept, 0, 1).reshape(
       batch, num_kv_heads, num_chunks * block_clusters)[..., :num_clusters]
   if window_keys is not None:

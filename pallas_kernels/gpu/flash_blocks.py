@@ -1,6 +1,6 @@
 """Building blocks of the Pallas GPU kernels: log-sum-exps (online and of
 split parts) and online-softmax attention over blocks of K/V rows, gathered
-(selected rows) or contiguous (observation window).
+(the rows of a row list) or contiguous (observation window).
 
 A partial is the running state (out [block_m, D] f32 unnormalised, top
 [block_m] running max, total [block_m] running denominator) of one program;
@@ -76,6 +76,41 @@ def online_update(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   rescale = jnp.exp(top - new_top)
   out = out * rescale[:, None] + plgpu.dot(probs.astype(v.dtype), v)
   return out, new_top, total * rescale + probs.sum(axis=1)
+
+
+def attend_listed(q: jnp.ndarray, list_ref, k_ref, v_ref, start: jnp.ndarray,
+                  stop: jnp.ndarray, block_rows: int, carry: Carry,
+                  sm_scale: float, piece_rows: int = 1) -> Carry:
+  """Online softmax over the K/V rows listed in list_ref[start:stop].
+
+  q [block_m, D]; k_ref, v_ref [N, D]; start, stop: int32 scalars (stop <=
+  len(list_ref)). An entry of the int32 list is a row index (piece_rows ==
+  1) or a piece of n <= piece_rows consecutive rows first .. first + n - 1,
+  packed as first * piece_rows + n - 1 (a power-of-two piece_rows dividing
+  block_rows; the slots of a piece past its n rows are masked).
+  """
+  entries_per_block = block_rows // piece_rows
+  slots = jnp.arange(block_rows)
+
+  def body(block, carry):
+    first = start + block * entries_per_block
+    if piece_rows == 1:
+      valid = first + slots < stop
+      rows = plgpu.load(list_ref.at[pl.ds(first, block_rows)], mask=valid,
+                        other=0)
+    else:
+      entries = first + slots // piece_rows
+      listed = entries < stop
+      packed = plgpu.load(list_ref.at[entries], mask=listed, other=0)
+      rank = slots % piece_rows
+      rows = packed // piece_rows + rank
+      valid = listed & (rank <= packed % piece_rows)
+    k = gather_rows(k_ref, rows, valid)
+    v = gather_rows(v_ref, rows, valid)
+    return online_update(q, k, v, valid, carry, sm_scale)
+
+  num_blocks = pl.cdiv(jnp.maximum(stop - start, 0), entries_per_block)
+  return lax.fori_loop(0, num_blocks, body, carry)
 
 
 def attend_contiguous(q: jnp.ndarray, k_ref, v_ref, first: jnp.ndarray,

@@ -52,21 +52,12 @@ def _sparse_attention_kernel(num_rows_ref, rows_ref, q_ref, k_ref, v_ref,
   block_m, head_dim = q.shape
   real = pl.program_id(1) * block_m + jnp.arange(block_m) < num_q_rows
 
-  def selected_block(block, carry):
-    first = start + block * block_rows
-    valid = first + jnp.arange(block_rows) < stop
-    rows = plgpu.load(rows_ref.at[pl.ds(first, block_rows)], mask=valid,
-                      other=0)
-    k = flash_blocks.gather_rows(k_ref, rows, valid)
-    v = flash_blocks.gather_rows(v_ref, rows, valid)
-    return flash_blocks.online_update(q, k, v, valid, carry, sm_scale)
-
   carry = flash_blocks.empty_carry(block_m, head_dim)
   if window:
     carry = flash_blocks.attend_contiguous(q, *window_refs, 0, window,
                                            block_rows, carry, sm_scale)
-  num_blocks = pl.cdiv(jnp.maximum(stop - start, 0), block_rows)
-  carry = jax.lax.fori_loop(0, num_blocks, selected_block, carry)
+  carry = flash_blocks.attend_listed(q, rows_ref, k_ref, v_ref, start, stop,
+                                     block_rows, carry, sm_scale)
   flash_blocks.store_partial(out_ref, lse_ref, carry, real)
 
 
