@@ -45,7 +45,8 @@ from squeezed_jax.key_clustering import ClusteredKeys, num_clusters_for
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["32768"], "Fixed-context lengths S.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8"], "Questions answered together.")
 _BUDGETS = flags.DEFINE_list("kv_budgets", ["0.125", "0.25"],
-                             "Squeezed KV budgets (fractions of the clustered keys).")
+                             "Squeezed KV budgets (fractions of the clustered fixed context's "
+                             "KV bytes, centroids included: rows_fraction is the rows' part).")
 _PERCENTILES = flags.DEFINE_list(
     "percentiles", [], "Squeezed pruned fractions (threshold mode; the synthetic context's "
     "thresholds are calibrated on random window queries, so the budget actually read is reported "

@@ -47,8 +47,9 @@ _PERCENTILE = flags.DEFINE_float("percentile", None,
                                  "A calibrated fraction of keys to prune (with --context_dir; "
                                  "0.9 when neither this nor --kv_budget is given).")
 _KV_BUDGET = flags.DEFINE_float("kv_budget", None,
-                                "Fraction of the fixed context's keys to read per head "
-                                "(with --context_dir; instead of --percentile).")
+                                "Fraction of the fixed context's KV bytes to read per lookup, "
+                                "centroid / page-summary bytes included (with --context_dir; "
+                                "instead of --percentile).")
 
 
 def _tokenizer_path() -> str | None:

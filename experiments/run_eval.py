@@ -53,11 +53,12 @@ _TOKENIZER = flags.DEFINE_string(
     "tokenizer.model inside a Hugging Face checkpoint directory.")
 _METHODS = flags.DEFINE_list("methods", ",".join(METHODS), f"Methods, of {METHODS}.")
 _KV_BUDGETS = flags.DEFINE_list(
-    "kv_budgets", None, "Fractions of the fixed context's clustered keys read per head "
-    "(default 0.5,0.25,0.125,0.0625 unless --percentiles is given).")
+    "kv_budgets", None, "Fractions of the fixed context's KV bytes read per lookup, summaries "
+    "included (default 0.5,0.25,0.125,0.0625 unless --percentiles is given; a budget a method's "
+    "summaries alone exceed, e.g. quest's at 0.0625, is skipped with a warning).")
 _PERCENTILES = flags.DEFINE_list(
     "percentiles", None, "Calibrated fractions of keys to prune (squeezed methods; the baselines "
-    "read 1 - percentile of the keys). Instead of --kv_budgets.")
+    "get the KV budget flat squeezed spends there on average). Instead of --kv_budgets.")
 _LENGTHS = flags.DEFINE_list("lengths", ["8192", "16384"],
                              "ruler / multiquery: prompt lengths in tokens.")
 _NUM_EXAMPLES = flags.DEFINE_integer(

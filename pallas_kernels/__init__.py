@@ -15,8 +15,15 @@ layer at a time; K/V have no batch axis):
   selection on the GPU (flat or hierarchical lookup; no global row list, no
   row cap) -> (out, lse, `KeptClusters`): on the GPU four Pallas kernels
   (lookup pass, selection into per-chunk lists of kept rows, attention over
-  them, window + merge of the partials; one more for the hierarchical lookup,
-  one more for a key budget).
+  them, window + own rows + merge of the partials; one more for the
+  hierarchical lookup, one more for a key budget).
+* `shared_selection_attention(q, keys, values, selection)`: decode attention
+  of a batch sharing one selection (e.g. every row: dense attention), each
+  selected row read once for the whole batch.
+
+The decode entry points take `own=OwnRows(keys, values, lengths)`: each
+sequence's own K/V rows (its question and generated tokens), attended and
+merged in the same call (on the GPU inside the reduce kernel).
 
 `backend=None` picks from `jax.default_backend()`: "gpu" (Pallas Triton
 kernels) on GPUs, "tpu" (Pallas Mosaic sparse attention over whole K/V blocks;
@@ -28,7 +35,9 @@ This package has no model knowledge and imports nothing from the library.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels import own_rows
 from pallas_kernels import queries
 from pallas_kernels import references
 from pallas_kernels import selection as selection_lib
@@ -44,6 +53,7 @@ from pallas_kernels.block_sizes import LookupBlockSizes
 from pallas_kernels.hierarchical import hierarchical_centroid_scores
 from pallas_kernels.merge import merge_partials
 from pallas_kernels.merge import merge_stacked
+from pallas_kernels.own_rows import OwnRows
 from pallas_kernels.selection import KeptClusters
 from pallas_kernels.selection import Selection
 from pallas_kernels.selection import select_clusters
@@ -198,6 +208,7 @@ def squeezed_decode_attention(
     active: jax.Array | None = None,
     window_keys: jax.Array | None = None,
     window_values: jax.Array | None = None,
+    own: OwnRows | None = None,
     coarse_centroids: jax.Array | None = None,
     coarse_counts: jax.Array | None = None,
     coarse_offsets: jax.Array | None = None,
@@ -227,6 +238,8 @@ def squeezed_decode_attention(
     active: [B] bool sequences whose query is real, or None (all); the others
       keep no cluster (their partial is the window's alone).
     window_keys, window_values: [Hkv, W, D] observation window, or None.
+    own: each sequence's own rows (`OwnRows`: keys, values [B, T, Hkv, D],
+      lengths [B]), merged into the result, or None.
     coarse_centroids, coarse_counts, coarse_offsets: [Hkv, Kc, D], [Hkv, Kc],
       [Hkv, Kc + 1] coarse level, or None (flat lookup).
     coarse_threshold: keep coarse clusters with sbar > this (hierarchical).
@@ -246,6 +259,8 @@ def squeezed_decode_attention(
   if any((level is None) == hierarchical for level in coarse):
     raise ValueError("give all or none of coarse_centroids, coarse_counts, "
                      "coarse_offsets and coarse_threshold")
+  if own is not None:
+    own_rows.check(own, q, keys.shape[0])
   resolved = resolve_backend(backend)
   block_sizes = block_sizes or DecodeBlockSizes()
   query_rows = q.shape[0] * q.shape[1] // keys.shape[0]  # B x G
@@ -255,7 +270,7 @@ def squeezed_decode_attention(
         gpu_decode.squeezed_decode_attention(
             q, keys, values, centroids, counts, offsets, threshold,
             key_budget=key_budget, active=active, window_keys=window_keys,
-            window_values=window_values,
+            window_values=window_values, own=own,
             coarse_centroids=coarse_centroids, coarse_counts=coarse_counts,
             coarse_offsets=coarse_offsets, coarse_threshold=coarse_threshold,
             sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret))
@@ -279,5 +294,66 @@ def squeezed_decode_attention(
                               window_keys=window_keys,
                               window_values=window_values, sm_scale=sm_scale,
                               backend=resolved, interpret=interpret)
+  out, lse = own_rows.merge_with(q, out, lse, own, sm_scale)
   return out, lse, KeptClusters(selection.clusters, selection.num_rows,
                                 kept_coarse)
+
+
+def shared_selection_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, selection: Selection, *,
+    window_keys: jax.Array | None = None,
+    window_values: jax.Array | None = None, own: OwnRows | None = None,
+    sm_scale: float | None = None, backend: str | None = None,
+    interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Decode attention of a batch whose sequences share one selection.
+
+  The B queries are folded into the query heads of each KV head (one
+  sequence of B x Hq heads), so each selected K/V row is read once for the
+  whole batch, not once per sequence: dense attention at decode is this with
+  every row selected. Each sequence still attends its own rows (`own`).
+
+  Args:
+    q: [B, Hq, D] one token per sequence.
+    keys, values: [Hkv, S', D].
+    selection: [1, Hkv, R] rows, shared by the batch.
+    window_keys, window_values: [Hkv, W, D] observation window, or None.
+    own: each sequence's own rows, merged into the result, or None.
+    sm_scale: softmax scale, 1 / sqrt(D) if None.
+    backend: None (from the platform), "xla", "gpu" or "tpu".
+    interpret: run the GPU / TPU kernels in the Pallas interpreter.
+
+  Returns:
+    (out [B, Hq, D] in q.dtype, lse [B, Hq] float32).
+  """
+  if not queries.is_decode(q):
+    raise ValueError(f"{q.shape=} must be decode queries [B, Hq, D]")
+  if selection.rows.shape[0] != 1:
+    raise ValueError(f"{selection.rows.shape=} must have batch 1 (one "
+                     "selection shared by the batch)")
+  batch, num_heads, head_dim = q.shape
+  num_kv_heads = keys.shape[0]
+  group = num_heads // num_kv_heads
+  if own is not None:
+    own_rows.check(own, q, num_kv_heads)
+  by_head = jnp.swapaxes(queries.group_heads(q[:, None], num_kv_heads)[:, 0],
+                         0, 1)  # [Hkv, B, G, D]
+  folded = by_head.reshape(1, num_kv_heads * batch * group, head_dim)
+  resolved = resolve_backend(backend)
+  if resolved == "gpu":
+    out, lse = gpu_attention.sparse_attention(
+        folded, keys, values, selection, window_keys=window_keys,
+        window_values=window_values, own=own, own_rows_per_sequence=group,
+        sm_scale=sm_scale, interpret=interpret)
+  else:
+    out, lse = sparse_attention(folded, keys, values, selection,
+                                window_keys=window_keys,
+                                window_values=window_values,
+                                sm_scale=sm_scale, backend=resolved,
+                                interpret=interpret)
+  unfold = lambda x: jnp.swapaxes(
+      x.reshape(num_kv_heads, batch, group, *x.shape[2:]), 0, 1).reshape(
+          batch, num_heads, *x.shape[2:])
+  out, lse = unfold(out), unfold(lse)
+  if resolved != "gpu":
+    out, lse = own_rows.merge_with(q, out, lse, own, sm_scale)
+  return out, lse

@@ -116,7 +116,9 @@ class DecodeBlockSizes:
   Attributes:
     block_clusters: consecutive clusters per selection and attention program
       (a chunk); the selection lists the chunk's kept clusters.
-    block_rows: kept (or window) rows gathered per inner-loop step.
+    block_rows: kept rows gathered per inner-loop step of the attention.
+    reduce_rows: window and own rows read per step of the reduce (128: the
+      H200 measurement in benchmarks/RESULTS.md, seventh pass).
     piece_rows: rows per entry of the selection's lists (a kept cluster of N
       rows takes ceil(N / piece_rows) entries; 1: a plain row list).
     num_warps: warps per attention program.
@@ -130,6 +132,7 @@ class DecodeBlockSizes:
 
   block_clusters: int = 128
   block_rows: int = 64
+  reduce_rows: int = 128
   piece_rows: int = 8
   num_warps: int = 2
   num_stages: int = 3
@@ -140,11 +143,14 @@ class DecodeBlockSizes:
   def __post_init__(self):
     _check_power_of_two(block_clusters=self.block_clusters,
                         block_rows=self.block_rows,
+                        reduce_rows=self.reduce_rows,
                         piece_rows=self.piece_rows,
                         coarse_block=self.coarse_block,
                         fine_block=self.fine_block)
     if self.piece_rows > self.block_rows:
       raise ValueError(f"{self.piece_rows=} must be <= {self.block_rows=}")
-    if min(self.block_rows, self.coarse_block, self.fine_block) < 16:
-      raise ValueError(f"{self.block_rows=}, {self.coarse_block=} and "
-                       f"{self.fine_block=} must be >= 16")
+    if min(self.block_rows, self.reduce_rows, self.coarse_block,
+           self.fine_block) < 16:
+      raise ValueError(f"{self.block_rows=}, {self.reduce_rows=}, "
+                       f"{self.coarse_block=} and {self.fine_block=} must be "
+                       ">= 16")

@@ -171,6 +171,42 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array,
   return queries.ungroup(out, lse, queries.is_decode(q), q.dtype)
 
 
+def own_rows_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
+                       lengths: jax.Array, *,
+                       sm_scale: float | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Decode attention of each sequence to its own first lengths[b] rows.
+
+  Products in the rows' dtype with float32 accumulation (exact for float32
+  inputs), the softmax in float32.
+
+  Args:
+    q: [B, Hq, D] one query per sequence.
+    keys, values: [B, T, Hkv, D] each sequence's own rows.
+    lengths: [B] int32 rows attended.
+    sm_scale: softmax scale, 1 / sqrt(D) if None.
+
+  Returns:
+    out [B, Hq, D] float32 (0 where no row), lse [B, Hq] float32 (-inf there).
+  """
+  batch, num_heads, head_dim = q.shape
+  num_kv_heads = keys.shape[2]
+  scale = queries.default_scale(head_dim, sm_scale)
+  grouped = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads,
+                      head_dim).astype(keys.dtype)
+  logits = jnp.einsum("BKGD,BTKD->BKGT", grouped, keys,
+                      preferred_element_type=jnp.float32) * scale
+  visible = jnp.arange(keys.shape[1])[None, :] < lengths[:, None]
+  logits = jnp.where(visible[:, None, None, :], logits, -jnp.inf)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  weights = jnp.where(jnp.isfinite(lse)[..., None],
+                      jnp.exp(logits - lse[..., None]), 0.0)
+  out = jnp.einsum("BKGT,BTKD->BKGD", weights.astype(values.dtype), values,
+                   preferred_element_type=jnp.float32)
+  return (out.reshape(batch, num_heads, head_dim),
+          lse.reshape(batch, num_heads))
+
+
 def attention_with_window(
     q: jax.Array, keys: jax.Array, values: jax.Array, key_mask: jax.Array,
     window_keys: jax.Array | None = None,

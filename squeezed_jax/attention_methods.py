@@ -14,7 +14,10 @@ exactly by log-sum-exp (`pallas_kernels.merge_partials`). Methods for (a):
                          the kept coarse clusters, then as `squeezed`.
   quest, oracle_topk, streaming   the baselines of `squeezed_jax.baselines` (XLA).
 
-The observation window is always attended in full. The per-layer cache (`OnlineCache`) holds the
+The observation window is always attended in full. At decode, dense and the squeezed methods hand
+(b) to the same kernel call as (a) (`pallas_kernels.OwnRows`: on the GPU the reduce kernel
+attends the own rows and merges everything), where XLA's attention and merge took about ten small
+kernels per layer. The per-layer cache (`OnlineCache`) holds the
 question's dense KV cache (slot = position - S, S = context tokens), the budget statistics, and a
 reference to that layer's shared `ContextLayer` (never copied per question or per step).
 """
@@ -22,6 +25,7 @@ reference to that layer's shared `ContextLayer` (never copied per question or pe
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.struct
 import jax
@@ -36,6 +40,8 @@ from squeezed_jax.context_layers import ContextLayer
 from squeezed_jax.kv_budget import BudgetStats, LookupUsage
 
 METHODS = ("dense", "squeezed", "squeezed_hierarchical", "quest", "oracle_topk", "streaming")
+# Methods whose decode kernels also attend the question's own rows (`context_attention(own=)`).
+OWN_ROWS_METHODS = ("dense", "squeezed", "squeezed_hierarchical")
 SQUEEZED_METHODS = ("squeezed", "squeezed_hierarchical")
 
 
@@ -145,12 +151,13 @@ def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
 
 
 def _squeezed_decode(config: MethodConfig, q: jax.Array, layer: ContextLayer,
-                     query_mask: jax.Array):
+                     query_mask: jax.Array, own: pallas_kernels.OwnRows | None):
   """One decode token per sequence through `pallas_kernels.squeezed_decode_attention` (on the
   GPU the selection is a Pallas kernel; every kept cluster is read: no row cap,
   and the hierarchical lookup scores every candidate).
 
-  q: [B, 1, Hq, D]; query_mask: [B, 1] (a sequence whose token is not real keeps no cluster).
+  q: [B, 1, Hq, D]; query_mask: [B, 1] (a sequence whose token is not real keeps no cluster);
+  own: the sequences' own rows, merged into the result, or None.
   Returns (out [B, 1, Hq, D], lse [B, 1, Hq], KeptClusters, summary vectors
   [B, Hkv]).
   """
@@ -160,7 +167,7 @@ def _squeezed_decode(config: MethodConfig, q: jax.Array, layer: ContextLayer,
                 coarse_offsets=layer.coarse_offsets, coarse_threshold=layer.coarse_threshold)
   out, lse, kept = pallas_kernels.squeezed_decode_attention(
       q[:, 0], layer.keys, layer.values, layer.centroids, layer.counts, layer.offsets,
-      window_keys=layer.window_keys, window_values=layer.window_values,
+      window_keys=layer.window_keys, window_values=layer.window_values, own=own,
       active=query_mask[:, 0], backend=config.backend, **mode)
   if kept.coarse_clusters is None:
     summary = jnp.full(kept.num_rows.shape, layer.centroids.shape[1], jnp.float32)
@@ -169,14 +176,15 @@ def _squeezed_decode(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   return out[:, None], lse[:, None], kept, summary
 
 
-def _every_row_attention(config: MethodConfig, q: jax.Array,
-                         layer: ContextLayer) -> tuple[jax.Array, jax.Array]:
+def _every_row_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
+                         own: pallas_kernels.OwnRows | None) -> tuple[jax.Array, jax.Array]:
   """Attention to every fixed-context key through the sparse kernel with all rows selected, the
   batch's queries folded so that the context is read once for all of them: at decode into extra
-  query heads of each KV head (the split-K decode kernel, each K/V row read once per KV head
-  for the whole batch), at prefill into one sequence of B x T queries.
+  query heads of each KV head (`pallas_kernels.shared_selection_attention`: each K/V row read
+  once per KV head for the whole batch, the own rows merged), at prefill into one sequence of
+  B x T queries.
 
-  q: [B, T, Hq, D]. Returns (out [B, T, Hq, D], lse [B, T, Hq] float32).
+  q: [B, T, Hq, D]; own: decode only, or None. Returns (out [B, T, Hq, D], lse [B, T, Hq]).
   """
   batch, tokens, num_heads, head_dim = q.shape
   num_kv_heads, num_keys, _ = layer.keys.shape
@@ -184,17 +192,16 @@ def _every_row_attention(config: MethodConfig, q: jax.Array,
       rows=jnp.broadcast_to(jnp.arange(num_keys, dtype=jnp.int32), (1, num_kv_heads, num_keys)),
       num_rows=jnp.full((1, num_kv_heads), num_keys, jnp.int32),
       clusters=jnp.ones((1,) + layer.counts.shape, bool))
-  attend = lambda folded: pallas_kernels.sparse_attention(
-      folded, layer.keys, layer.values, every_row, window_keys=layer.window_keys,
-      window_values=layer.window_values, backend=config.backend)
+  window = {"window_keys": layer.window_keys, "window_values": layer.window_values,
+            "backend": config.backend}
   if tokens > 1:
-    out, lse = attend(q.reshape(1, batch * tokens, num_heads, head_dim))
+    out, lse = pallas_kernels.sparse_attention(
+        q.reshape(1, batch * tokens, num_heads, head_dim), layer.keys, layer.values,
+        every_row, **window)
     return out.reshape(q.shape), lse.reshape(batch, tokens, num_heads)
-  by_head = jnp.swapaxes(queries.group_heads(q, num_kv_heads)[:, 0], 0, 1)  # [Hkv, B, G, D]
-  out, lse = attend(by_head.reshape(1, -1, head_dim))
-  unfold = lambda x: jnp.swapaxes(x.reshape(by_head.shape[:3] + x.shape[2:]), 0, 1)
-  return (unfold(out).reshape(q.shape),
-          unfold(lse).reshape(batch, tokens, num_heads))
+  out, lse = pallas_kernels.shared_selection_attention(
+      q[:, 0], layer.keys, layer.values, every_row, own=own, **window)
+  return out[:, None], lse[:, None]
 
 
 def _baseline_mask(config: MethodConfig, q: jax.Array, layer: ContextLayer,
@@ -211,16 +218,22 @@ def _baseline_mask(config: MethodConfig, q: jax.Array, layer: ContextLayer,
 
 
 def context_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
-                      query_mask: jax.Array) -> tuple[jax.Array, jax.Array, LookupUsage]:
+                      query_mask: jax.Array, own: pallas_kernels.OwnRows | None = None
+                      ) -> tuple[jax.Array, jax.Array, LookupUsage]:
   """Attention of a query block over one layer's fixed context (selected rows + window).
 
-  q: [B, T, Hq, D] post-RoPE; query_mask: [B, T] bool real queries (T = 1 at decode).
+  q: [B, T, Hq, D] post-RoPE; query_mask: [B, T] bool real queries (T = 1 at decode);
+  own: the sequences' own rows (a decode token of an OWN_ROWS_METHODS method), attended too and
+  merged into the result, or None.
   Returns (out [B, T, Hq, D], lse [B, T, Hq] float32, the lookup's `LookupUsage`).
   """
   batch, num_kv_heads = q.shape[0], layer.keys.shape[0]
+  if own is not None and (q.shape[1] != 1 or config.name not in OWN_ROWS_METHODS):
+    raise ValueError(f"own rows are for decode tokens of {OWN_ROWS_METHODS}: got "
+                     f"{config.name}, {q.shape=}")
   weights = queries.query_weights(query_mask, *query_mask.shape)
   if config.name in SQUEEZED_METHODS and q.shape[1] == 1:
-    out, lse, kept, summary = _squeezed_decode(config, q, layer, query_mask)
+    out, lse, kept, summary = _squeezed_decode(config, q, layer, query_mask, own)
     rows = kept.num_rows.astype(jnp.float32)
     overflow = jnp.zeros(rows.shape, bool)
     mask = None
@@ -238,7 +251,7 @@ def context_attention(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   else:
     if config.name == "dense":
       mask, num_summary = None, 0
-      out, lse = _every_row_attention(config, q, layer)
+      out, lse = _every_row_attention(config, q, layer, own)
     else:
       mask, num_summary = _baseline_mask(config, q, layer, weights)
       clustered = baselines.masked_attention(q, layer.keys, layer.values, mask)
@@ -263,11 +276,15 @@ class OnlineAttention:
   """
 
   config: MethodConfig
+  # Whether a decode token's own rows go to `context_attention` (a subclass that distributes the
+  # context must not merge them once per shard).
+  attends_own_rows_with_context: ClassVar[bool] = True
 
-  def context_attention(self, q: jax.Array, context: ContextLayer,
-                        query_mask: jax.Array) -> tuple[jax.Array, jax.Array, LookupUsage]:
+  def context_attention(self, q: jax.Array, context: ContextLayer, query_mask: jax.Array,
+                        own: pallas_kernels.OwnRows | None = None
+                        ) -> tuple[jax.Array, jax.Array, LookupUsage]:
     """The fixed-context part (`context_attention`); a subclass may distribute it."""
-    return context_attention(self.config, q, context, query_mask)
+    return context_attention(self.config, q, context, query_mask, own)
 
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                cache: OnlineCache, layer: int) -> tuple[jax.Array, OnlineCache]:
@@ -277,10 +294,15 @@ class OnlineAttention:
     slots = positions - context.num_tokens
     kv = cache.kv.write(slots, k, v)
     query_mask = slots < cache.real_until[:, None]
-    context_out, context_lse, usage = self.context_attention(q, context, query_mask)
-    causal = jnp.arange(kv.capacity)[None, None, :] <= slots[:, :, None]
-    own_out, own_lse = grouped_attention(q, kv.keys, kv.values, causal)
-    out, _ = pallas_kernels.merge_partials(context_out.astype(jnp.float32), context_lse,
-                                           own_out, own_lse)
+    if (q.shape[1] == 1 and self.config.name in OWN_ROWS_METHODS
+        and self.attends_own_rows_with_context):
+      own = pallas_kernels.OwnRows(kv.keys, kv.values, slots[:, 0] + 1)
+      out, _, usage = self.context_attention(q, context, query_mask, own)
+    else:
+      context_out, context_lse, usage = self.context_attention(q, context, query_mask)
+      causal = jnp.arange(kv.capacity)[None, None, :] <= slots[:, :, None]
+      own_out, own_lse = grouped_attention(q, kv.keys, kv.values, causal)
+      out, _ = pallas_kernels.merge_partials(context_out.astype(jnp.float32), context_lse,
+                                             own_out, own_lse)
     stats = cache.stats.add(usage, query_mask.any(axis=1))
     return out.astype(q.dtype), cache.replace(kv=kv, stats=stats)

@@ -77,7 +77,8 @@ def top_mask(scores: jax.Array, count: int) -> jax.Array:
 
 def quest_mask(q: jax.Array, layer: ContextLayer, weights: jax.Array, *, page_size: int,
                key_budget: int) -> jax.Array:
-  """Keys of the top ceil(key_budget / page_size) pages by Quest's bound.
+  """Keys of the top pages by Quest's bound: as many whole pages as fit in `key_budget` (every
+  page when it covers all S' keys; at least one).
 
   q: [B, T, Hq, D]; weights: [B, T]. Returns [B, Hkv, S'] bool in reordered row order.
   """
@@ -86,8 +87,8 @@ def quest_mask(q: jax.Array, layer: ContextLayer, weights: jax.Array, *, page_si
   bounds = (jnp.einsum("BTKGD,KPD->BKGTP", jnp.maximum(grouped, 0.0), layer.page_max)
             + jnp.einsum("BTKGD,KPD->BKGTP", jnp.minimum(grouped, 0.0), layer.page_min))
   num_pages = layer.page_max.shape[1]
-  pages = top_mask(references.block_scores(bounds, weights),
-                   min(num_pages, -(-key_budget // page_size)))
+  fitting = num_pages if key_budget >= layer.num_clustered else max(1, key_budget // page_size)
+  pages = top_mask(references.block_scores(bounds, weights), min(num_pages, fitting))
   row_pages = layer.permutation // page_size
   return jnp.take_along_axis(pages, jnp.broadcast_to(row_pages, pages.shape[:2]
                                                      + row_pages.shape[-1:]), axis=-1)

@@ -27,7 +27,7 @@ from squeezed_jax.attention_methods import MethodConfig, context_attention
 from squeezed_jax.context_layers import ContextLayer, split_layers
 from squeezed_jax.context_prefill import prefill_context
 from squeezed_jax.fixed_context import FixedContext
-from squeezed_jax.kv_budget import BudgetStats, LookupUsage, budget_fractions
+from squeezed_jax.kv_budget import BudgetStats, LookupUsage, budget_fractions, rows_within_budget
 
 CURVE_METHODS = ("squeezed", "quest", "oracle_topk", "streaming")
 DEFAULT_CURVE_METHODS = ("squeezed", "quest", "oracle_topk")
@@ -81,7 +81,8 @@ def select_for_question(ctx: FixedContext, queries: jax.Array, *,
   """The clusters and keys one question's tokens select at every layer (one lookup each).
 
   queries: [L, T, Hq, D] from `question_queries`. Give exactly one of `percentile` (the
-  calibrated threshold) and `kv_budget` (top clusters within that fraction of the S' keys).
+  calibrated threshold) and `kv_budget` (top clusters within that fraction of the KV bytes,
+  centroids included, as `generate(kv_budget=)`).
   """
   if (percentile is None) == (kv_budget is None):
     raise ValueError(f"give exactly one of {percentile=} and {kv_budget=}")
@@ -90,7 +91,9 @@ def select_for_question(ctx: FixedContext, queries: jax.Array, *,
   scores, selected = _lookup_every_layer(
       queries, clusters.centroids, clusters.counts, clusters.offsets,
       None if percentile is None else ctx.threshold(percentile),
-      key_budget=None if kv_budget is None else _key_budget(kv_budget, ctx.num_clustered))
+      key_budget=None if kv_budget is None else rows_within_budget(
+          _check_fraction(kv_budget), ctx.num_clustered, clusters.centroids.shape[2],
+          "squeezed"))
   scores, selected = np.asarray(scores), np.asarray(selected)
   keys = np.take_along_axis(selected, np.asarray(clusters.labels), axis=-1)
   return ClusterSelection(scores=scores, clusters=selected, keys=keys)
@@ -123,7 +126,9 @@ def mass_vs_budget(ctx: FixedContext, queries: jax.Array, *, layer: int,
   """Each method's selection at each key budget on one layer, with the attention mass it keeps.
 
   queries: [L, T, Hq, D] from `question_queries`; budgets: fractions of the S' clustered keys
-  (the squeezed method keeps its top clusters within the budget, as `generate(kv_budget=)`);
+  each method attends (its rows; unlike `generate(kv_budget=)`, summaries not included: each
+  curve's `kv_budget` is the total, summaries included); the squeezed method keeps its top
+  clusters within the budget;
   methods: names from CURVE_METHODS. Returns {method: MassCurve ([Hkv, len(budgets)] fields)}.
   All methods and budgets run in one compiled program, on the XLA path of every platform.
   """
@@ -134,7 +139,7 @@ def mass_vs_budget(ctx: FixedContext, queries: jax.Array, *, layer: int,
   if unknown:
     raise ValueError(f"methods {unknown} must be among {CURVE_METHODS}")
   num_keys = ctx.num_clustered
-  key_budgets = [_key_budget(budget, num_keys) for budget in budgets]
+  key_budgets = [max(1, round(_check_fraction(budget) * num_keys)) for budget in budgets]
   configs = tuple(
       MethodConfig(method, max_rows=key_budget if method == "squeezed" else None,
                    key_budget=key_budget, page_size=page_size, sinks=sinks, measure_mass=True,
@@ -201,10 +206,10 @@ def plot_selection(selection: ClusterSelection, *, ax: Any = None,
   return ax
 
 
-def _key_budget(fraction: float, num_keys: int) -> int:
+def _check_fraction(fraction: float) -> float:
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f"budget {fraction=} must be in (0, 1]")
-  return max(1, round(fraction * num_keys))
+  return fraction
 
 
 def _check_queries(ctx: FixedContext, queries: jax.Array) -> None:

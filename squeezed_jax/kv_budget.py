@@ -6,10 +6,15 @@ Quest's page bounds). As in the paper, summaries store keys only, so a summary v
 KV row: the budget of a lookup is (rows + summary_vectors / 2) / S', the fraction of the
 clustered fixed context's KV bytes read (the observation window is read by every method and is
 not counted).
+
+A requested budget (`generate(kv_budget=)`) is accounted the same way: a method reads the rows
+that remain after its summary vectors (`rows_within_budget`), so methods compared at one budget
+read the same bytes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import flax.struct
@@ -76,3 +81,22 @@ def budget_fractions(stats: BudgetStats, num_clustered: int) -> dict[str, jax.Ar
   summary = stats.summary_vectors / lookups / (2 * num_clustered)
   return {"kv_budget": rows + summary, "rows_fraction": rows, "summary_fraction": summary,
           "attention_mass": stats.mass / lookups}
+
+
+class BudgetTooSmallError(ValueError):
+  """A KV budget that the method's summary vectors alone exceed."""
+
+
+def rows_within_budget(kv_budget: float, num_clustered: int, summary_vectors: float,
+                       method: str) -> int:
+  """The rows a lookup may read so that (rows + summary_vectors / 2) / S' <= kv_budget.
+
+  Raises BudgetTooSmallError when the summaries alone take the whole budget.
+  """
+  rows = math.floor(kv_budget * num_clustered - summary_vectors / 2 + 1e-6)
+  if rows < 1:
+    raise BudgetTooSmallError(
+        f"{kv_budget=} leaves no rows for {method}: its {summary_vectors} summary vectors per "
+        f"lookup alone cost {summary_vectors / (2 * num_clustered):.4f} of the fixed context's "
+        f"KV bytes ({num_clustered=} keys)")
+  return min(rows, num_clustered)

@@ -15,8 +15,9 @@ Static capacities (shapes under jit):
   * threshold mode (`percentile`): max_rows = min(S', ceil(headroom * kappa * S')) with kappa the
     largest calibrated kept fraction of any (layer, KV head) at that percentile; rows beyond are
     dropped and reported as overflows.
-  * budget mode (`kv_budget`, a fraction of the S' keys): key_budget = round(kv_budget * S') keys
-    per (sequence, layer, KV head) for every method, max_rows = key_budget (never overflows).
+  * budget mode (`kv_budget`, a fraction of the clustered fixed context's KV bytes, summaries
+    included): key_budget = floor(kv_budget * S' - summary vectors / 2) keys per (sequence,
+    layer, KV head) (`resolve_method`), max_rows = key_budget (never overflows).
   * hierarchical: max_fine_clusters = min(K, ceil(headroom * (1 - coarse_percentile) * K)).
 """
 
@@ -39,7 +40,7 @@ from squeezed_jax.attention_methods import (METHODS, SQUEEZED_METHODS, MethodCon
 from squeezed_jax.context_layers import ContextLayer, split_layers
 from squeezed_jax.fixed_context import FixedContext
 from squeezed_jax.generation import decode_loop, pad_prompts, prefill_step
-from squeezed_jax.kv_budget import BudgetStats, budget_fractions
+from squeezed_jax.kv_budget import BudgetStats, budget_fractions, rows_within_budget
 from squeezed_jax.sampling import SamplingParams
 
 
@@ -113,7 +114,14 @@ def resolve_method(ctx: FixedContext, method: str, *, percentile: float | None =
                    kv_budget: float | None = None,
                    options: MethodOptions = MethodOptions()
                    ) -> tuple[MethodConfig, float | None, float | None]:
-  """The static `MethodConfig` and the (fine, coarse) thresholds of a `generate` call."""
+  """The static `MethodConfig` and the (fine, coarse) thresholds of a `generate` call.
+
+  `kv_budget` is the fraction of the fixed context's KV bytes a lookup may read, summaries
+  included (as `Answers.kv_budget` reports it): each method gets the rows that the budget leaves
+  after its summary vectors (`summary_vectors`), so methods compared at one budget read the same
+  bytes. At a `percentile`, a baseline gets the KV budget that flat `squeezed` spends there on
+  average.
+  """
   if method not in METHODS:
     raise ValueError(f"{method=} must be one of {METHODS}")
   num_keys = ctx.num_clustered
@@ -127,12 +135,18 @@ def resolve_method(ctx: FixedContext, method: str, *, percentile: float | None =
     raise ValueError(f"{kv_budget=} must be in (0, 1]")
   if method == "dense":
     return MethodConfig("dense", measure_mass=options.measure_mass), None, None
+  max_fine = None
+  if method == "squeezed_hierarchical":
+    num_fine = ctx.clusters.centroids.shape[2]
+    max_fine = options.max_fine_clusters or max(1, min(num_fine, math.ceil(
+        options.headroom * (1.0 - options.coarse_percentile) * num_fine)))
+  if kv_budget is None and percentile is not None and method not in SQUEEZED_METHODS:
+    kept = float(ctx.kept_fraction[ctx.percentile_index(percentile)].mean())
+    kv_budget = kept + summary_vectors(ctx, "squeezed", options) / (2 * num_keys)
   key_budget = None
   if kv_budget is not None:
-    key_budget = max(1, round(kv_budget * num_keys))
-  elif percentile is not None and method not in SQUEEZED_METHODS:
-    kept = float(ctx.kept_fraction[ctx.percentile_index(percentile)].mean())
-    key_budget = max(1, round(kept * num_keys))
+    key_budget = rows_within_budget(kv_budget, num_keys,
+                                    summary_vectors(ctx, method, options, max_fine), method)
   if method not in SQUEEZED_METHODS:
     return MethodConfig(method, key_budget=key_budget, page_size=options.page_size,
                         sinks=options.sinks, measure_mass=options.measure_mass), None, None
@@ -144,7 +158,7 @@ def resolve_method(ctx: FixedContext, method: str, *, percentile: float | None =
     kept = (1.0 if percentile is None
             else float(ctx.kept_fraction[ctx.percentile_index(percentile)].max()))
     max_rows = max(1, min(num_keys, math.ceil(options.headroom * kept * num_keys)))
-  coarse_threshold = max_fine = None
+  coarse_threshold = None
   if method == "squeezed_hierarchical":
     if ctx.coarse_thresholds is None:
       raise ValueError("squeezed_hierarchical needs a context built with "
@@ -153,13 +167,27 @@ def resolve_method(ctx: FixedContext, method: str, *, percentile: float | None =
     if coarse_threshold is None:
       coarse_threshold = float(
           ctx.coarse_thresholds[ctx.percentile_index(options.coarse_percentile)])
-    num_fine = ctx.clusters.centroids.shape[2]
-    max_fine = options.max_fine_clusters or max(1, min(num_fine, math.ceil(
-        options.headroom * (1.0 - options.coarse_percentile) * num_fine)))
   config = MethodConfig(method, max_rows=max_rows, key_budget=key_budget,
                         max_fine_clusters=max_fine, measure_mass=options.measure_mass,
                         backend=options.backend)
   return config, threshold, coarse_threshold
+
+
+def summary_vectors(ctx: FixedContext, method: str, options: MethodOptions,
+                    max_fine_clusters: int | None = None) -> int:
+  """Summary vectors one lookup of `method` reads per (sequence, layer, KV head).
+
+  squeezed: every centroid (K); squeezed_hierarchical: every coarse centroid and at most
+  `max_fine_clusters` fine ones (a static bound: the fine centroids it scores depend on the
+  query); quest: a min and a max vector per page; the others: none.
+  """
+  if method == "squeezed":
+    return ctx.clusters.centroids.shape[2]
+  if method == "squeezed_hierarchical":
+    return ctx.clusters.coarse_centroids.shape[2] + max_fine_clusters
+  if method == "quest":
+    return 2 * -(-ctx.num_clustered // options.page_size)
+  return 0
 
 
 def init_caches(layers: Sequence[ContextLayer], question_lengths: jax.Array, capacity: int,

@@ -91,7 +91,8 @@ def test_threshold_selection_matches_the_score_definition(stories_context, queri
 
 def test_budget_selection_keeps_the_top_clusters_within_the_budget(stories_context, queries):
   ctx = stories_context
-  budget = round(0.2 * ctx.num_clustered)
+  # 20% of the KV bytes, of which the centroids (keys only) take K / 2 rows' worth.
+  budget = int(0.2 * ctx.num_clustered - ctx.clusters.centroids.shape[2] / 2)
   selection = inspection.select_for_question(ctx, queries, kv_budget=0.2)
   counts = np.asarray(ctx.clusters.counts)
   kept_keys = np.where(selection.clusters, counts, 0).sum(-1)

@@ -77,9 +77,33 @@ def test_key_budget_mode_stays_within_budget(setup):
   model, ctx, questions = setup
   answer = generate(model, ctx, questions[:1], method="squeezed", kv_budget=0.3,
                     max_new_tokens=4, stop_tokens=[])
-  assert answer.config.key_budget == round(0.3 * ctx.num_clustered)
-  assert answer.rows_fraction.max() <= 0.3 + 1e-6
+  num_clusters = ctx.clusters.centroids.shape[2]
+  assert answer.config.key_budget == int(0.3 * ctx.num_clustered - num_clusters / 2)
+  assert answer.kv_budget.max() <= 0.3 + 1e-6  # rows + centroids
   assert answer.overflows.sum() == 0
+
+
+@pytest.mark.parametrize("method, summary_vectors", [
+    ("squeezed", lambda ctx: ctx.clusters.centroids.shape[2]),
+    ("quest", lambda ctx: 2 * -(-ctx.num_clustered // 16)),
+    ("oracle_topk", lambda ctx: 0),
+])
+def test_methods_at_one_kv_budget_read_the_same_bytes(setup, method, summary_vectors):
+  model, ctx, questions = setup
+  answer = generate(model, ctx, questions[:1], method=method, kv_budget=0.25, max_new_tokens=3,
+                    stop_tokens=[])
+  summary = summary_vectors(ctx) / (2 * ctx.num_clustered)
+  np.testing.assert_allclose(answer.kv_budget - answer.rows_fraction, summary, rtol=1e-5)
+  assert answer.config.key_budget == int(0.25 * ctx.num_clustered - summary_vectors(ctx) / 2)
+  assert answer.kv_budget.max() <= 0.25 + 1e-6
+  if method == "oracle_topk":  # keeps exactly its key budget
+    np.testing.assert_allclose(answer.kv_budget, answer.config.key_budget / ctx.num_clustered)
+
+
+def test_a_budget_the_summaries_alone_exceed_is_refused(setup):
+  model, ctx, questions = setup
+  with pytest.raises(ValueError, match="leaves no rows for quest"):
+    generate(model, ctx, questions[:1], method="quest", kv_budget=0.06, max_new_tokens=2)
 
 
 def test_context_of_another_model_is_refused(setup):

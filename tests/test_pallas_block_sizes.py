@@ -35,6 +35,8 @@ def test_decode_defaults_and_errors():
     block_sizes.DecodeBlockSizes(block_clusters=96)
   with pytest.raises(ValueError, match="must be >= 16"):
     block_sizes.DecodeBlockSizes(coarse_block=8)
+  with pytest.raises(ValueError, match="reduce_rows=8.*must be >= 16"):
+    block_sizes.DecodeBlockSizes(reduce_rows=8)
   with pytest.raises(ValueError, match="must be <="):
     block_sizes.DecodeBlockSizes(block_rows=32, piece_rows=64)
   with pytest.raises(ValueError, match="single_pass_tiles"):

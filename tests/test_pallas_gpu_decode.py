@@ -27,7 +27,8 @@ NUM_KV_HEADS, NUM_KEYS, NUM_CLUSTERS, NUM_COARSE, WINDOW = 2, 300, 23, 5, 37
 # in all), coarse chunks of 16 (partial), lookup tiles of 16 centroids two
 # per program.
 TILES = block_sizes.DecodeBlockSizes(
-    block_clusters=8, block_rows=16, coarse_block=16, fine_block=16,
+    block_clusters=8, block_rows=16, reduce_rows=16, coarse_block=16,
+    fine_block=16,
     lookup=block_sizes.LookupBlockSizes(
         block_k=16, single_pass_max_rows=16, single_pass_tiles=2))
 

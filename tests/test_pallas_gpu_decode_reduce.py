@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import merge
+from pallas_kernels import own_rows
 from pallas_kernels import references
 from pallas_kernels.gpu import decode_reduce
 
@@ -78,6 +79,62 @@ def test_equals_merge_of_partials_and_window(batch, group, head_dim, num_parts,
                              atol=tol)
   np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-4)
   np.testing.assert_array_equal(rows, parts_rows[:num_parts].sum(axis=0))
+
+
+@pytest.mark.parametrize(
+    "batch,group,folded,window,dtype",
+    [
+        (2, 4, False, True, jnp.float32),
+        (3, 1, False, False, jnp.bfloat16),
+        (3, 2, True, True, jnp.float32),  # the batch folded into the rows
+    ])
+def test_own_rows_merge_with_the_partials_and_window(batch, group, folded,
+                                                     window, dtype):
+  """Each row also attends its sequence's first lengths[b] own rows (0 and
+  all T of them included)."""
+  head_dim, own_len, num_parts = 64, 45, 3
+  keys = jax.random.split(jax.random.key(batch + group), 6)
+  q = jax.random.normal(keys[0], (batch, NUM_KV_HEADS * group, head_dim),
+                        dtype)
+  window_kv = tuple(jax.random.normal(
+      keys[1], (2, NUM_KV_HEADS, WINDOW, head_dim), dtype))
+  own = own_rows.OwnRows(
+      *jax.random.normal(keys[2], (2, batch, own_len, NUM_KV_HEADS, head_dim),
+                         dtype),
+      jnp.array([own_len, 0, 17][:batch], jnp.int32))
+  if folded:  # pair h holds rows r = b * G + g
+    to_pairs = lambda x: jnp.swapaxes(x.reshape(
+        batch, NUM_KV_HEADS, group, *x.shape[2:]), 0, 1).reshape(
+            NUM_KV_HEADS, batch * group, *x.shape[2:])
+  else:
+    to_pairs = lambda x: _pairs(x, batch, group)
+  pairs_q = to_pairs(q)
+  num_pairs, num_rows = pairs_q.shape[:2]
+  parts_out = jax.random.normal(keys[3], (4, num_pairs, 16, head_dim))
+  parts_lse = 2.0 * jax.random.normal(keys[4], (4, num_pairs, 16))
+  out, lse, _ = decode_reduce.reduce_partials(
+      pairs_q, parts_out, parts_lse, num_parts, num_q_rows=num_rows,
+      num_kv_heads=NUM_KV_HEADS,
+      window_keys=window_kv[0] if window else None,
+      window_values=window_kv[1] if window else None, own=own,
+      rows_per_sequence=group, sm_scale=head_dim ** -0.5, block_rows=16,
+      out_dtype=jnp.float32, interpret=True)
+
+  f32 = lambda x: x.astype(jnp.float32)
+  own_out, own_lse = references.own_rows_attention(f32(q), *map(f32, own[:2]),
+                                                   own.lengths)
+  outs = [parts_out[:num_parts, :, :num_rows], to_pairs(own_out)[None]]
+  lses = [parts_lse[:num_parts, :, :num_rows], to_pairs(own_lse)[None]]
+  if window:
+    window_out, window_lse = references.attention(f32(q),
+                                                  *map(f32, window_kv))
+    outs.append(to_pairs(window_out)[None])
+    lses.append(to_pairs(window_lse)[None])
+  want_out, want_lse = merge.merge_stacked(jnp.concatenate(outs),
+                                           jnp.concatenate(lses), axis=0)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(out, want_out, rtol=tol, atol=tol)
+  np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-4)
 
 
 def test_nothing_attended_gives_zero_output_and_minus_infinite_lse():

@@ -14,6 +14,7 @@ from squeezed_jax.attention_methods import MethodConfig
 from squeezed_jax.eval import sweep
 from squeezed_jax.eval.results_io import ResultsFile
 from squeezed_jax.fixed_context import ContextConfig
+from squeezed_jax.kv_budget import BudgetTooSmallError
 from squeezed_jax.online import Answers, generate
 
 
@@ -68,6 +69,8 @@ class _FakeStack:
   def _generate(self, model, ctx, questions, *, method, max_new_tokens, stop_tokens,
                 prefill_chunk, options, **budget):
     self.calls.append((method, len(questions), budget, options))
+    if method == "quest" and budget.get("kv_budget", 1.0) < 0.1:
+      raise BudgetTooSmallError("kv_budget leaves no rows for quest")
     batch = len(questions)
     fraction = budget.get("kv_budget", 1.0)
     return Answers(token_ids=[[q[-1]] * 2 for q in questions], stopped=[True] * batch,
@@ -125,6 +128,20 @@ def test_loop_batches_resumes_and_records(monkeypatch, tmp_path):
   assert [c[0] for c in fake.calls] == ["dense"] * 3 and len(results) == 30
 
 
+def test_a_budget_too_small_for_a_method_is_skipped_with_a_warning(monkeypatch, tmp_path):
+  fake = _FakeStack(monkeypatch)
+  examples = _examples(random.Random(2), num_examples=2, num_questions=2)
+  settings = sweep.sweep_settings(["quest", "streaming"], kv_budgets=[0.5, 0.05])
+  runner = sweep.Sweep(None, str, settings, context_config=ContextConfig(), stop_tokens=[2],
+                       warmup=False)
+  results = ResultsFile(tmp_path / "toy.jsonl", sweep.RECORD_KEY)
+  with pytest.warns(UserWarning, match="skipped: kv_budget leaves no rows for quest"):
+    runner.run(list(examples), examples.__getitem__, results, _scorer)
+  done = {(r["method"], r["budget"]) for r in results.records}
+  assert done == {("quest", 0.5), ("streaming", 0.5), ("streaming", 0.05)}
+  assert len(results) == 2 * 2 * 3
+
+
 def test_warmup_runs_each_new_shape_once_untimed(monkeypatch, tmp_path):
   fake = _FakeStack(monkeypatch)
   examples = _examples(random.Random(1), num_examples=2, num_questions=1)
@@ -136,7 +153,7 @@ def test_warmup_runs_each_new_shape_once_untimed(monkeypatch, tmp_path):
   runner.run(list(examples), examples.__getitem__, results, _scorer)
   assert fake.builds == 3  # the first context length twice, then once
   assert len(fake.calls) == 2 * 2 + 2  # each setting twice for ex0, once for ex1 (same shapes)
-  assert fake.calls[-1][2] == {"kv_budget": 0.25}  # a baseline at percentile p reads 1 - p
+  assert fake.calls[-1][2] == {"percentile": 0.75}  # resolved like squeezed's (online)
 
 
 def test_squeezed_percentiles_get_the_whole_row_capacity(monkeypatch, tmp_path):

@@ -26,7 +26,8 @@ q (one more in the key-budget mode: `budget_cut` turns the budget into each
    chunk's pieces, gathers their rows and keeps an online softmax. Chunks of
    heads that keep many rows are simply longer programs, and the grid
    (thousands of programs) balances them;
-4. `decode_reduce`: the observation window and the log-sum-exp merge of the
+4. `decode_reduce`: the observation window, the sequence's own rows (its
+   question and generated tokens, if given) and the log-sum-exp merge of the
    chunks' partials, one program per query row.
 
 A first version did the selection inside the attention program and mapped
@@ -48,6 +49,7 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import block_sizes as block_sizes_lib
+from pallas_kernels import own_rows
 from pallas_kernels import queries
 from pallas_kernels import selection as selection_lib
 from pallas_kernels.gpu import budget_cut
@@ -147,10 +149,12 @@ def fused_selection_attention(
     num_lookup_parts: int, keys: jax.Array, values: jax.Array,
     counts: jax.Array, offsets: jax.Array, threshold: float | jax.Array, *,
     batch: int, group: int, window_keys: jax.Array | None,
-    window_values: jax.Array | None, sm_scale: float, out_dtype: jnp.dtype,
+    window_values: jax.Array | None, own: own_rows.OwnRows | None,
+    sm_scale: float, out_dtype: jnp.dtype,
     block_sizes: block_sizes_lib.DecodeBlockSizes, interpret: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Selection + attention partials of every chunk, reduced with the window.
+  """Selection + attention partials of every chunk, reduced with the window
+  and the own rows.
 
   Args:
     q_rows: [Hkv, Mp, D] decode query rows (m = b * G + g).
@@ -164,6 +168,7 @@ def fused_selection_attention(
     threshold: tau, keep clusters with sbar > tau: a scalar or [B, Hkv].
     batch, group: B and G.
     window_keys, window_values: [Hkv, W, D] or None.
+    own: each sequence's own rows, or None.
     sm_scale: softmax scale.
     out_dtype: dtype of the output.
     block_sizes: tiles.
@@ -263,8 +268,8 @@ def fused_selection_attention(
       pairs.reshape(batch * num_kv_heads, group, head_dim), parts_out,
       parts_lse, num_chunks, num_q_rows=group, num_kv_heads=num_kv_heads,
       parts_rows=parts_rows, window_keys=window_keys,
-      window_values=window_values, sm_scale=sm_scale,
-      block_rows=block_sizes.block_rows, out_dtype=out_dtype,
+      window_values=window_values, own=own, rows_per_sequence=group,
+      sm_scale=sm_scale, block_rows=block_sizes.reduce_rows, out_dtype=out_dtype,
       interpret=interpret)
   num_heads = num_kv_heads * group
   out = out.reshape(batch, num_heads, head_dim)
@@ -283,6 +288,7 @@ def squeezed_decode_attention(
     active: jax.Array | None = None,
     window_keys: jax.Array | None = None,
     window_values: jax.Array | None = None,
+    own: own_rows.OwnRows | None = None,
     coarse_centroids: jax.Array | None = None,
     coarse_counts: jax.Array | None = None,
     coarse_offsets: jax.Array | None = None,
@@ -306,6 +312,7 @@ def squeezed_decode_attention(
     active: [B] bool sequences whose query is real, or None (all); the others
       keep no cluster.
     window_keys, window_values: [Hkv, W, D] or None.
+    own: each sequence's own rows (attended in the reduce), or None.
     coarse_centroids, coarse_counts, coarse_offsets, coarse_threshold: the
       coarse level ([Hkv, Kc, D], [Hkv, Kc], [Hkv, Kc + 1], scalar) for the
       hierarchical lookup, or all None for the flat one.
@@ -351,6 +358,6 @@ def squeezed_decode_attention(
   out, lse, kept, num_rows = fused_selection_attention(
       q_rows, logits, lse_parts, num_parts, keys, values, counts, offsets,
       threshold, batch=batch, group=group, window_keys=window_keys,
-      window_values=window_values, sm_scale=scale, out_dtype=q.dtype,
+      window_values=window_values, own=own, sm_scale=scale, out_dtype=q.dtype,
       block_sizes=block_sizes, interpret=interpret)
   return out, lse, kept, num_rows, kept_coarse

@@ -4,15 +4,18 @@ The split-K decode kernels leave one attention partial per (sequence x KV
 head, split): a cluster chunk of the fused decode (`decode_attention.py`), a
 share of the row list (`sparse_attention.py`). Here one program per
 (sequence x KV head, query row) finishes the step for that row:
-  * attends the row to the W observation-window rows (contiguous; a query
-    tile whose first row is the real one, as the tensor cores want >= 16);
+  * attends the row to the W observation-window rows and, given them, to its
+    sequence's own rows (`own_rows.OwnRows`: the first lengths[b] rows of
+    the question + generated tokens; contiguous both, a query tile whose
+    first row is the real one, as the tensor cores want >= 16);
   * merges that partial with the splits' partials by log-sum-exp (the
     formula of `merge.merge_stacked`, `_PARTS_PER_STEP` partials a step);
   * writes the output in its final dtype, the lse, and (fused decode) the
     rows the chunks read.
 One kernel, where the window kernel and XLA's concatenation and merge of the
 partials took six (16 us per layer at S = 128K, batch 1:
-benchmarks/RESULTS.md).
+benchmarks/RESULTS.md), and XLA's attention over the own rows and its merge
+about ten more.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels import own_rows
 from pallas_kernels.gpu import flash_blocks
 
 # Query-tile rows of the window's products: the one real row comes first.
@@ -51,30 +55,39 @@ def _merge_parts(carry: tuple, outs: jnp.ndarray,
 
 def _reduce_kernel(q_ref, parts_out_ref, parts_lse_ref, *refs, sm_scale: float,
                    num_parts: int, parts_per_step: int, block_rows: int,
-                   has_rows: bool, has_window: bool):
+                   has_rows: bool, has_window: bool, has_own: bool):
   """One (sequence x KV head, query row r) program.
 
   Refs: q_ref [Rp, D] query rows of this sequence x KV head;
   parts_out_ref [Pp, D], parts_lse_ref [Pp] (row r of each partial, the
   first num_parts written); if has_rows, parts_rows_ref [Pp]; if has_window,
-  window keys and values [W, D]; then out_ref [D], lse_ref [] and, if
-  has_rows, rows_ref [].
+  window keys and values [W, D]; if has_own, the row's sequence's own-row
+  count [] and own keys and values [T, D]; then out_ref [D], lse_ref [] and,
+  if has_rows, rows_ref [].
   """
   refs = list(refs)
   parts_rows_ref = refs.pop(0) if has_rows else None
-  window_refs = [refs.pop(0), refs.pop(0)] if has_window else []
+  contiguous = []  # (keys, values, rows attended) read whole by every row
+  if has_window:
+    window_k_ref = refs.pop(0)
+    contiguous.append((window_k_ref, refs.pop(0), window_k_ref.shape[0]))
+  if has_own:
+    own_length_ref, own_k_ref, own_v_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    contiguous.append((own_k_ref, own_v_ref, own_length_ref[()]))
   out_ref, lse_ref, *rows_ref = refs
   head_dim = out_ref.shape[0]
   state = (jnp.zeros((head_dim,), jnp.float32), jnp.float32(-jnp.inf),
            jnp.float32(0.0))
-  if has_window:
-    window_k_ref, window_v_ref = window_refs
+  if contiguous:
     first = jnp.arange(_Q_TILE) == 0
     q = plgpu.load(q_ref.at[pl.ds(pl.program_id(1), _Q_TILE)],
-                   mask=first[:, None], other=0.0).astype(window_k_ref.dtype)
-    acc, top, total = flash_blocks.attend_contiguous(
-        q, window_k_ref, window_v_ref, 0, window_k_ref.shape[0], block_rows,
-        flash_blocks.empty_carry(_Q_TILE, head_dim), sm_scale)
+                   mask=first[:, None], other=0.0)
+    carry = flash_blocks.empty_carry(_Q_TILE, head_dim)
+    for k_ref, v_ref, stop in contiguous:
+      carry = flash_blocks.attend_contiguous(
+          q.astype(k_ref.dtype), k_ref, v_ref, 0, stop, block_rows, carry,
+          sm_scale)
+    acc, top, total = carry
     state = (jnp.where(first[:, None], acc, 0.0).sum(axis=0),
              jnp.where(first, top, -jnp.inf).max(),
              jnp.where(first, total, 0.0).sum())
@@ -108,13 +121,19 @@ def reduce_partials(
     num_parts: int, *, num_q_rows: int, num_kv_heads: int,
     parts_rows: jax.Array | None = None,
     window_keys: jax.Array | None = None,
-    window_values: jax.Array | None = None, sm_scale: float,
-    block_rows: int, out_dtype: jnp.dtype, interpret: bool = False
+    window_values: jax.Array | None = None,
+    own: own_rows.OwnRows | None = None, rows_per_sequence: int = 1,
+    sm_scale: float, block_rows: int, out_dtype: jnp.dtype,
+    interpret: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Window attention + the log-sum-exp merge of every split partial.
+  """Window (and own-row) attention + the log-sum-exp merge of every split
+  partial.
 
-  N = B x Hkv sequence x KV head pairs (n = b * Hkv + h), R = num_q_rows
-  query rows each.
+  N = P x Hkv pairs (n = p * Hkv + h), R = num_q_rows query rows each. A pair
+  holds one sequence's rows (p = b, R = G) or, when a decode batch is folded
+  into the query heads so that the context is read once, every sequence's (P
+  = 1, r = b * G + g): row r of pair n belongs to sequence
+  n // Hkv + r // rows_per_sequence.
 
   Args:
     q_rows: [N, Rp >= R, D] query rows (only read with a window).
@@ -126,6 +145,10 @@ def reduce_partials(
     num_kv_heads: Hkv (the window of pair n is KV head n % Hkv).
     parts_rows: [Pp, N] int32 rows each split read, or None.
     window_keys, window_values: [Hkv, W, D] (one dtype) or None.
+    own: each sequence's own rows (keys, values [B, T, Hkv, D]; lengths
+      [B]), or None.
+    rows_per_sequence: consecutive query rows of a pair with one sequence
+      (G; only read with `own`).
     sm_scale: softmax scale.
     block_rows: window rows per inner step.
     out_dtype: dtype of the output.
@@ -140,6 +163,7 @@ def reduce_partials(
   if num_padded_parts & (num_padded_parts - 1):
     raise ValueError(f"{parts_lse.shape[0]=} must be a power of two")
   has_rows, has_window = parts_rows is not None, window_keys is not None
+  has_own = own is not None
   window_spec = lambda shape: pl.BlockSpec(
       (None, *shape), lambda n, r: (n % num_kv_heads, 0, 0))
   in_specs = [
@@ -156,6 +180,14 @@ def reduce_partials(
   if has_window:
     in_specs += [window_spec(window_keys.shape[1:])] * 2
     inputs += [window_keys, window_values]
+  if has_own:
+    sequence = lambda n, r: n // num_kv_heads + r // rows_per_sequence
+    own_spec = pl.BlockSpec(
+        (None, own.keys.shape[1], None, head_dim),
+        lambda n, r: (sequence(n, r), 0, n % num_kv_heads, 0))
+    in_specs += [pl.BlockSpec((None,), lambda n, r: (sequence(n, r),)),
+                 own_spec, own_spec]
+    inputs += [own.lengths.astype(jnp.int32), own.keys, own.values]
   out_specs = [pl.BlockSpec((None, None, head_dim), lambda n, r: (n, r, 0)),
                pl.BlockSpec((None, None), lambda n, r: (n, r))]
   out_shape = [
@@ -168,7 +200,8 @@ def reduce_partials(
   kernel = functools.partial(
       _reduce_kernel, sm_scale=sm_scale, num_parts=num_parts,
       parts_per_step=min(num_padded_parts, _PARTS_PER_STEP),
-      block_rows=block_rows, has_rows=has_rows, has_window=has_window)
+      block_rows=block_rows, has_rows=has_rows, has_window=has_window,
+      has_own=has_own)
   out, lse, *rows = pl.pallas_call(
       kernel,
       grid=(num_pairs, num_q_rows),

@@ -28,6 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import block_sizes as block_sizes_lib
+from pallas_kernels import own_rows
 from pallas_kernels import queries
 from pallas_kernels import selection as selection_lib
 from pallas_kernels.gpu import decode_reduce
@@ -62,12 +63,15 @@ def _sparse_attention_kernel(num_rows_ref, rows_ref, q_ref, k_ref, v_ref,
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("sm_scale", "block_sizes", "interpret"))
+                   static_argnames=("own_rows_per_sequence", "sm_scale",
+                                    "block_sizes", "interpret"))
 def sparse_attention(
     q: jax.Array, keys: jax.Array, values: jax.Array,
     selection: selection_lib.Selection, *,
     window_keys: jax.Array | None = None,
-    window_values: jax.Array | None = None, sm_scale: float | None = None,
+    window_values: jax.Array | None = None,
+    own: own_rows.OwnRows | None = None,
+    own_rows_per_sequence: int | None = None, sm_scale: float | None = None,
     block_sizes: block_sizes_lib.AttentionBlockSizes | None = None,
     interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Exact attention over the selected rows and the observation window.
@@ -79,6 +83,11 @@ def sparse_attention(
     keys, values: [Hkv, S', D].
     selection: rows per (sequence, KV head), [B, Hkv, R].
     window_keys, window_values: [Hkv, W, D] always-attended rows, or None.
+    own: each sequence's own rows, attended in the reduce (split-K decode
+      only), or None.
+    own_rows_per_sequence: consecutive query heads of a KV head that belong
+      to one own-rows sequence (`decode_reduce.reduce_partials`; None = all
+      of them: q's sequences are the own rows' sequences).
     sm_scale: softmax scale, 1 / sqrt(D) if None.
     block_sizes: tiles; decode / prefill defaults if None.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
@@ -122,6 +131,9 @@ def sparse_attention(
                                           window_values.astype(keys.dtype)]
   # Decode (split-K): the window in the reduce of the splits; prefill: in here.
   split_k = block_sizes.split_rows is not None
+  if own is not None and not (split_k and decode):
+    raise ValueError("own rows need decode queries and split-K tiles "
+                     f"(block_sizes.split_rows set): {block_sizes=}")
   kernel_window_inputs = [] if split_k else window_inputs
   # The reduce reads a power-of-two split axis; splits past num_splits unwritten.
   num_parts = block_sizes_lib.next_power_of_two(num_splits) if split_k else 1
@@ -167,6 +179,7 @@ def sparse_attention(
         num_kv_heads=num_kv_heads,
         window_keys=window_inputs[0] if window_inputs else None,
         window_values=window_inputs[1] if window_inputs else None,
+        own=own, rows_per_sequence=own_rows_per_sequence or num_q_rows,
         sm_scale=scale, block_rows=block_sizes.block_rows, out_dtype=q.dtype,
         interpret=interpret)
   else:

@@ -1,7 +1,8 @@
 """The evaluation loop: every example's fixed context built once, then asked under every setting.
 
-A `Setting` is a method at a budget (`kv_budget`: a fraction of the clustered keys per head, or
-`percentile`: a calibrated pruned fraction; dense has neither and is recorded at budget 1.0). For
+A `Setting` is a method at a budget (`kv_budget`: the fraction of the clustered fixed context's
+KV bytes a lookup reads, summaries included, or `percentile`: a calibrated pruned fraction; dense
+has neither and is recorded at budget 1.0). For
 each example the loop builds one `FixedContext` (prefill, clustering, calibration: hierarchical
 when any setting needs it) and answers its questions under every setting not yet in the results
 file, one record per (question, setting):
@@ -21,14 +22,17 @@ untimed first. Examples of one length should share their shapes (`ruler_prompts`
 setting compiles once per length.
 
 In percentile mode the squeezed methods keep every cluster above the calibrated threshold (row
-capacity = all clustered keys, so nothing overflows) and the baselines get the same mean budget,
-1 - percentile of the clustered keys (`kv_budget` mode).
+capacity = all clustered keys, so nothing overflows) and the baselines get the KV budget the flat
+squeezed method spends there on average (`online.resolve_method`). A setting whose budget the
+method's summaries alone exceed (e.g. quest's page bounds at a small `kv_budget`) is skipped for
+that example with a warning, and no record is written (a rerun tries it again).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -37,6 +41,7 @@ from models.llama import Llama
 from squeezed_jax.attention_methods import METHODS, SQUEEZED_METHODS
 from squeezed_jax.eval.results_io import ResultsFile
 from squeezed_jax.fixed_context import ContextConfig, FixedContext
+from squeezed_jax.kv_budget import BudgetTooSmallError
 from squeezed_jax.online import Answers, MethodOptions, generate
 from squeezed_jax.progress import progress
 
@@ -144,13 +149,10 @@ def ask(model: Llama, ctx: FixedContext, questions: Sequence[Sequence[int]], set
   """
   budget: dict[str, Any] = {}
   max_rows = None
-  if setting.budget_kind == "kv_budget":
-    budget["kv_budget"] = setting.budget
-  elif setting.budget_kind == "percentile" and setting.method in SQUEEZED_METHODS:
-    budget["percentile"] = setting.budget
+  if setting.budget_kind != "dense":
+    budget[setting.budget_kind] = setting.budget
+  if setting.budget_kind == "percentile" and setting.method in SQUEEZED_METHODS:
     max_rows = ctx.num_tokens - ctx.config.observation_window
-  elif setting.budget_kind == "percentile":
-    budget["kv_budget"] = 1.0 - setting.budget
   return generate(model, ctx, questions, method=setting.method, max_new_tokens=max_new_tokens,
                   stop_tokens=stop_tokens, prefill_chunk=question_chunk,
                   options=MethodOptions(max_rows=max_rows, backend=backend), **budget)
@@ -206,24 +208,34 @@ class Sweep:
     ctx, build_seconds = self._timed(
         ("build", len(example.context)),
         lambda: FixedContext.build(self.model, example.context, self.context_config))
-    size = self.batch_size or len(example.questions)
     for setting in self.settings:
       if is_done(results, example.id, setting):
         continue
-      records = []
-      for start in range(0, len(example.questions), size):
-        batch = example.questions[start:start + size]
-        shape = ("ask", len(example.context), len(batch), max(map(len, batch)),
-                 example.max_new_tokens, setting)
-        answers, seconds = self._timed(shape, lambda: ask(
-            self.model, ctx, batch, setting, max_new_tokens=example.max_new_tokens,
-            stop_tokens=self.stop_tokens, question_chunk=self.question_chunk,
-            backend=self.backend))
-        for row in range(len(batch)):
-          records.append(self._record(example, start + row, setting, answers, row,
-                                      seconds / len(batch), build_seconds, scorer))
+      try:
+        records = self._ask_all(example, ctx, setting, build_seconds, scorer)
+      except BudgetTooSmallError as error:
+        warnings.warn(f"example {example.id!r}: {setting} skipped: {error}")
+        continue
       for record in records:  # written once all batches are done (see `is_done`)
         results.add(record)
+
+  def _ask_all(self, example: EvalExample, ctx: FixedContext, setting: Setting,
+               build_seconds: float, scorer: Scorer) -> list[dict[str, Any]]:
+    """The records of every question of `example` under `setting`, asked in batches."""
+    size = self.batch_size or len(example.questions)
+    records = []
+    for start in range(0, len(example.questions), size):
+      batch = example.questions[start:start + size]
+      shape = ("ask", len(example.context), len(batch), max(map(len, batch)),
+               example.max_new_tokens, setting)
+      answers, seconds = self._timed(shape, lambda: ask(
+          self.model, ctx, batch, setting, max_new_tokens=example.max_new_tokens,
+          stop_tokens=self.stop_tokens, question_chunk=self.question_chunk,
+          backend=self.backend))
+      for row in range(len(batch)):
+        records.append(self._record(example, start + row, setting, answers, row,
+                                    seconds / len(batch), build_seconds, scorer))
+    return records
 
   def _record(self, example: EvalExample, question: int, setting: Setting, answers: Answers,
               row: int, seconds: float, build_seconds: float, scorer: Scorer) -> dict[str, Any]:

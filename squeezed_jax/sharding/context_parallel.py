@@ -209,6 +209,8 @@ class ShardedOnlineAttention(OnlineAttention):
   """
 
   mesh: jax.sharding.Mesh
+  # Each shard's partial is merged across the mesh: the own rows are attended once, after.
+  attends_own_rows_with_context = False
 
   def context_attention(self, q: jax.Array, context, query_mask: jax.Array):
     """`sharded_context_attention` on `mesh`."""
