@@ -27,7 +27,8 @@ from squeezed_jax.attention_methods import MethodConfig, context_attention
 from squeezed_jax.context_layers import ContextLayer, split_layers
 from squeezed_jax.context_prefill import prefill_context
 from squeezed_jax.fixed_context import FixedContext
-from squeezed_jax.kv_budget import BudgetStats, LookupUsage, budget_fractions, rows_within_budget
+from squeezed_jax.kv_budget import BudgetStats, LookupUsage, budget_fractions
+from squeezed_jax.online import resolve_method
 
 CURVE_METHODS = ("squeezed", "quest", "oracle_topk", "streaming")
 DEFAULT_CURVE_METHODS = ("squeezed", "quest", "oracle_topk")
@@ -91,9 +92,8 @@ def select_for_question(ctx: FixedContext, queries: jax.Array, *,
   scores, selected = _lookup_every_layer(
       queries, clusters.centroids, clusters.counts, clusters.offsets,
       None if percentile is None else ctx.threshold(percentile),
-      key_budget=None if kv_budget is None else rows_within_budget(
-          _check_fraction(kv_budget), ctx.num_clustered, clusters.centroids.shape[2],
-          "squeezed"))
+      key_budget=None if kv_budget is None else resolve_method(
+          ctx, "squeezed", kv_budget=kv_budget)[0].key_budget)
   scores, selected = np.asarray(scores), np.asarray(selected)
   keys = np.take_along_axis(selected, np.asarray(clusters.labels), axis=-1)
   return ClusterSelection(scores=scores, clusters=selected, keys=keys)
@@ -139,7 +139,7 @@ def mass_vs_budget(ctx: FixedContext, queries: jax.Array, *, layer: int,
   if unknown:
     raise ValueError(f"methods {unknown} must be among {CURVE_METHODS}")
   num_keys = ctx.num_clustered
-  key_budgets = [max(1, round(_check_fraction(budget) * num_keys)) for budget in budgets]
+  key_budgets = [_key_budget(budget, num_keys) for budget in budgets]
   configs = tuple(
       MethodConfig(method, max_rows=key_budget if method == "squeezed" else None,
                    key_budget=key_budget, page_size=page_size, sinks=sinks, measure_mass=True,
@@ -206,10 +206,10 @@ def plot_selection(selection: ClusterSelection, *, ax: Any = None,
   return ax
 
 
-def _check_fraction(fraction: float) -> float:
+def _key_budget(fraction: float, num_keys: int) -> int:
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f"budget {fraction=} must be in (0, 1]")
-  return fraction
+  return max(1, round(fraction * num_keys))
 
 
 def _check_queries(ctx: FixedContext, queries: jax.Array) -> None:
