@@ -37,6 +37,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import hierarchical as hierarchical_lib
 from pallas_kernels import own_rows
 from pallas_kernels import queries
 from pallas_kernels import references
@@ -204,7 +205,8 @@ def squeezed_lookup_attention(
 def squeezed_decode_attention(
     q: jax.Array, keys: jax.Array, values: jax.Array, centroids: jax.Array,
     counts: jax.Array, offsets: jax.Array, *,
-    threshold: float | jax.Array | None = None, key_budget: int | None = None,
+    threshold: float | jax.Array | None = None,
+    key_budget: int | jax.Array | None = None, fine_centroid_cost: float = 0.0,
     active: jax.Array | None = None,
     window_keys: jax.Array | None = None,
     window_values: jax.Array | None = None,
@@ -234,7 +236,13 @@ def squeezed_decode_attention(
     keys, values: [Hkv, S', D] cluster-contiguous clustered part.
     centroids, counts, offsets: [Hkv, K, D], [Hkv, K], [Hkv, K + 1].
     threshold: keep fine clusters with sbar > threshold; or
-    key_budget: keep the top fine clusters up to this many keys (static).
+    key_budget: keep the top fine clusters up to this many keys per
+      (sequence, KV head): an int or [B, Hkv].
+    fine_centroid_cost: with a key budget and the coarse level: keys of the
+      budget charged per fine centroid scored (0.5 counts a centroid as half
+      a K/V row, as `Answers.kv_budget` does), so that the query-dependent
+      fine lookup is paid from the budget
+      (`hierarchical.key_budget_after_fine_lookup`).
     active: [B] bool sequences whose query is real, or None (all); the others
       keep no cluster (their partial is the window's alone).
     window_keys, window_values: [Hkv, W, D] observation window, or None.
@@ -269,7 +277,8 @@ def squeezed_decode_attention(
     out, lse, kept, num_rows, kept_coarse = (
         gpu_decode.squeezed_decode_attention(
             q, keys, values, centroids, counts, offsets, threshold,
-            key_budget=key_budget, active=active, window_keys=window_keys,
+            key_budget=key_budget, fine_centroid_cost=fine_centroid_cost,
+            active=active, window_keys=window_keys,
             window_values=window_values, own=own,
             coarse_centroids=coarse_centroids, coarse_counts=coarse_counts,
             coarse_offsets=coarse_offsets, coarse_threshold=coarse_threshold,
@@ -281,6 +290,9 @@ def squeezed_decode_attention(
         q, centroids, counts, coarse_centroids, coarse_counts, coarse_offsets,
         coarse_threshold=coarse_threshold,
         max_fine_clusters=centroids.shape[1], sm_scale=sm_scale)
+    if key_budget is not None:
+      key_budget = hierarchical_lib.key_budget_after_fine_lookup(
+          key_budget, kept_coarse, coarse_offsets, fine_centroid_cost)
   else:
     scores = centroid_scores(q, centroids, counts, sm_scale=sm_scale,
                              backend=resolved, interpret=interpret)

@@ -86,3 +86,43 @@ def hierarchical_centroid_scores(
 
   scores = jax.vmap(jax.vmap(scatter))(fine, fine_scores)
   return scores, keep_coarse
+
+
+def fine_candidates(kept_coarse: jax.Array,
+                    coarse_offsets: jax.Array) -> jax.Array:
+  """Fine clusters inside the kept coarse clusters, [B, Hkv] int32.
+
+  kept_coarse: [B, Hkv, Kc] bool; coarse_offsets: [Hkv, Kc + 1].
+  """
+  sizes = jnp.diff(coarse_offsets, axis=-1)
+  return jnp.where(kept_coarse, sizes[None], 0).sum(axis=-1).astype(jnp.int32)
+
+
+def key_budget_after_fine_lookup(key_budget: int | jax.Array,
+                                 kept_coarse: jax.Array,
+                                 coarse_offsets: jax.Array,
+                                 fine_centroid_cost: float,
+                                 max_fine_clusters: int | None = None
+                                 ) -> jax.Array:
+  """The keys left of `key_budget` once the fine lookup is paid for.
+
+  A hierarchical lookup scores a query-dependent number of fine centroids
+  (`fine_candidates`, at most max_fine_clusters if given); charging
+  fine_centroid_cost keys for each (0.5 in the paper's accounting: a
+  centroid stores a key, not a value) keeps its bytes within the budget.
+
+  Args:
+    key_budget: an int or [B, Hkv] int.
+    kept_coarse: [B, Hkv, Kc] bool; coarse_offsets: [Hkv, Kc + 1].
+    fine_centroid_cost: keys per fine centroid scored.
+    max_fine_clusters: the lookup's cap on the fine centroids scored, or None.
+
+  Returns:
+    [B, Hkv] int32 key_budget - ceil(fine_centroid_cost x scored), >= 0.
+  """
+  scored = fine_candidates(kept_coarse, coarse_offsets)
+  if max_fine_clusters is not None:
+    scored = jnp.minimum(scored, max_fine_clusters)
+  charged = jnp.ceil(fine_centroid_cost * scored.astype(jnp.float32))
+  return jnp.maximum(jnp.asarray(key_budget, jnp.int32)
+                     - charged.astype(jnp.int32), 0)

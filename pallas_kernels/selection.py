@@ -125,7 +125,7 @@ def rows_from_clusters(clusters: jax.Array, counts: jax.Array,
 
 
 def budget_thresholds(scores: jax.Array, counts: jax.Array,
-                      key_budget: int) -> jax.Array:
+                      key_budget: int | jax.Array) -> jax.Array:
   """Per-list thresholds that keep the top clusters within a key budget.
 
   Clusters are taken by decreasing score while the running key count stays
@@ -140,7 +140,7 @@ def budget_thresholds(scores: jax.Array, counts: jax.Array,
   Args:
     scores: [B, Hkv, K] float sbar (>= 0).
     counts: [Hkv, K] int.
-    key_budget: keys per (sequence, KV head).
+    key_budget: keys per (sequence, KV head): an int, or [B, Hkv] int.
 
   Returns:
     tau [B, Hkv] float32.
@@ -150,7 +150,8 @@ def budget_thresholds(scores: jax.Array, counts: jax.Array,
       (-scores, jnp.broadcast_to(counts[None], scores.shape).astype(jnp.int32)),
       dimension=-1, num_keys=1)
   descending = -descending
-  taken = jnp.sum(jnp.cumsum(sorted_counts, axis=-1) <= key_budget, axis=-1)
+  budget = jnp.asarray(key_budget, jnp.int32)[..., None]
+  taken = jnp.sum(jnp.cumsum(sorted_counts, axis=-1) <= budget, axis=-1)
   at = lambda index: jnp.take_along_axis(
       descending, jnp.clip(index, 0, scores.shape[-1] - 1)[..., None],
       axis=-1)[..., 0]
@@ -161,13 +162,13 @@ def budget_thresholds(scores: jax.Array, counts: jax.Array,
 
 
 def clusters_within_budget(scores: jax.Array, counts: jax.Array,
-                           key_budget: int) -> jax.Array:
+                           key_budget: int | jax.Array) -> jax.Array:
   """The highest-scoring clusters whose keys fit in `key_budget`.
 
   Args:
     scores: [B, Hkv, K] float sbar.
     counts: [Hkv, K] int.
-    key_budget: keys per (sequence, KV head).
+    key_budget: keys per (sequence, KV head): an int, or [B, Hkv] int.
 
   Returns:
     [B, Hkv, K] bool: non-empty clusters with scores above
@@ -178,7 +179,7 @@ def clusters_within_budget(scores: jax.Array, counts: jax.Array,
 
 
 def check_one_mode(threshold: float | jax.Array | None,
-                   key_budget: int | None) -> None:
+                   key_budget: int | jax.Array | None) -> None:
   """Raises unless exactly one of the two selection modes is given."""
   if (threshold is None) == (key_budget is None):
     raise ValueError(f"exactly one of {threshold=} and {key_budget=} is needed")
@@ -186,14 +187,15 @@ def check_one_mode(threshold: float | jax.Array | None,
 
 def kept_clusters(scores: jax.Array, counts: jax.Array, *,
                   threshold: float | jax.Array | None = None,
-                  key_budget: int | None = None) -> jax.Array:
+                  key_budget: int | jax.Array | None = None) -> jax.Array:
   """Clusters kept by a threshold (sbar > threshold) or by a key budget.
 
   Args:
     scores: [B, Hkv, K] sbar from `centroid_scores`.
     counts: [Hkv, K] int keys per cluster.
     threshold: keep clusters with sbar > threshold (scalar, may be traced).
-    key_budget: keep the top clusters up to this many keys (static int).
+    key_budget: keep the top clusters up to this many keys: an int, or [B,
+      Hkv] int per (sequence, KV head) (may be traced).
 
   Returns:
     [B, Hkv, K] bool.
@@ -207,7 +209,7 @@ def kept_clusters(scores: jax.Array, counts: jax.Array, *,
 def select_clusters(scores: jax.Array, counts: jax.Array, offsets: jax.Array,
                     *, max_rows: int,
                     threshold: float | jax.Array | None = None,
-                    key_budget: int | None = None) -> Selection:
+                    key_budget: int | jax.Array | None = None) -> Selection:
   """Selects clusters by threshold or by a key budget (`kept_clusters`).
 
   Args:
@@ -217,12 +219,13 @@ def select_clusters(scores: jax.Array, counts: jax.Array, offsets: jax.Array,
     max_rows: static length of the row list (threshold mode: rows beyond it
       are dropped; size it from the calibrated budget with a margin).
     threshold: keep clusters with sbar > threshold (scalar, may be traced).
-    key_budget: keep the top clusters up to this many keys (static int).
+    key_budget: keep the top clusters up to this many keys: an int <=
+      max_rows, or [B, Hkv] int (each <= max_rows).
 
   Returns:
     The `Selection`.
   """
-  if key_budget is not None and key_budget > max_rows:
+  if isinstance(key_budget, int) and key_budget > max_rows:
     raise ValueError(f"{key_budget=} must be <= {max_rows=}")
   clusters = kept_clusters(scores, counts, threshold=threshold,
                            key_budget=key_budget)

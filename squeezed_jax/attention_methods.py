@@ -33,11 +33,11 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from models.llama import KVCache, grouped_attention
-from pallas_kernels import queries
+from pallas_kernels import hierarchical, queries
 from pallas_kernels.selection import rows_from_clusters
 from squeezed_jax import baselines
 from squeezed_jax.context_layers import ContextLayer
-from squeezed_jax.kv_budget import BudgetStats, LookupUsage
+from squeezed_jax.kv_budget import ROWS_PER_SUMMARY_VECTOR, BudgetStats, LookupUsage
 
 METHODS = ("dense", "squeezed", "squeezed_hierarchical", "quest", "oracle_topk", "streaming")
 # Methods whose decode kernels also attend the question's own rows (`context_attention(own=)`).
@@ -112,19 +112,24 @@ def _captured_mass(q: jax.Array, layer: ContextLayer, mask: jax.Array,
   return jnp.einsum("BKGT,BT->BK", captured, weights) / probs.shape[2]
 
 
-def _selection_mode(config: MethodConfig, layer: ContextLayer) -> dict:
-  """The selection's keyword: the layer's threshold, or the method's key budget."""
+def _selection_mode(config: MethodConfig, layer: ContextLayer,
+                    kept_coarse: jax.Array | None = None) -> dict:
+  """The selection's keyword: the layer's threshold, or the method's key budget (less the fine
+  centroids that a hierarchical lookup with these kept coarse clusters scored)."""
   if config.key_budget is None:
     return {"threshold": layer.threshold}
-  return {"key_budget": config.key_budget}
+  if kept_coarse is None:
+    return {"key_budget": config.key_budget}
+  return {"key_budget": hierarchical.key_budget_after_fine_lookup(
+      config.key_budget, kept_coarse, layer.coarse_offsets, ROWS_PER_SUMMARY_VECTOR,
+      config.max_fine_clusters)}
 
 
 def _hierarchical_summary(layer: ContextLayer, kept_coarse: jax.Array,
                           max_fine_clusters: int) -> tuple[jax.Array, jax.Array]:
   """Centroids a hierarchical lookup read, [B, Hkv] float32 (all coarse ones + the scored fine
   ones), and whether its candidates overflowed `max_fine_clusters`, [B, Hkv] bool."""
-  fine_per_coarse = jnp.diff(layer.coarse_offsets, axis=-1)
-  candidates = jnp.where(kept_coarse, fine_per_coarse[None], 0).sum(axis=-1)
+  candidates = hierarchical.fine_candidates(kept_coarse, layer.coarse_offsets)
   summary = layer.coarse_centroids.shape[1] + jnp.minimum(candidates, max_fine_clusters)
   return summary.astype(jnp.float32), candidates > max_fine_clusters
 
@@ -132,6 +137,7 @@ def _hierarchical_summary(layer: ContextLayer, kept_coarse: jax.Array,
 def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
                         query_mask: jax.Array):
   """Lookup and selection. Returns (Selection, summary vectors [B, Hkv], overflow [B, Hkv])."""
+  kept_coarse = None
   if config.name == "squeezed":
     scores = pallas_kernels.centroid_scores(q, layer.centroids, layer.counts,
                                             query_mask=query_mask, backend=config.backend)
@@ -145,7 +151,7 @@ def _squeezed_selection(config: MethodConfig, q: jax.Array, layer: ContextLayer,
     summary, overflow = _hierarchical_summary(layer, kept_coarse, config.max_fine_clusters)
   selection = pallas_kernels.select_clusters(scores, layer.counts, layer.offsets,
                                              max_rows=config.max_rows,
-                                             **_selection_mode(config, layer))
+                                             **_selection_mode(config, layer, kept_coarse))
   wanted = jnp.where(selection.clusters, layer.counts[None], 0).sum(axis=-1)
   return selection, summary, overflow | (wanted > config.max_rows)
 
@@ -164,7 +170,8 @@ def _squeezed_decode(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   mode = _selection_mode(config, layer)
   if config.name == "squeezed_hierarchical":
     mode.update(coarse_centroids=layer.coarse_centroids, coarse_counts=layer.coarse_counts,
-                coarse_offsets=layer.coarse_offsets, coarse_threshold=layer.coarse_threshold)
+                coarse_offsets=layer.coarse_offsets, coarse_threshold=layer.coarse_threshold,
+                fine_centroid_cost=ROWS_PER_SUMMARY_VECTOR)
   out, lse, kept = pallas_kernels.squeezed_decode_attention(
       q[:, 0], layer.keys, layer.values, layer.centroids, layer.counts, layer.offsets,
       window_keys=layer.window_keys, window_values=layer.window_values, own=own,

@@ -21,6 +21,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+# KV rows one summary vector costs: centroids and page bounds store keys, not values.
+ROWS_PER_SUMMARY_VECTOR = 0.5
+
 
 class LookupUsage(NamedTuple):
   """What one lookup read, per sequence and KV head ([B, Hkv] each).
@@ -78,7 +81,7 @@ def budget_fractions(stats: BudgetStats, num_clustered: int) -> dict[str, jax.Ar
   """
   lookups = jnp.maximum(stats.lookups, 1.0)[:, None]
   rows = stats.rows / lookups / num_clustered
-  summary = stats.summary_vectors / lookups / (2 * num_clustered)
+  summary = stats.summary_vectors * ROWS_PER_SUMMARY_VECTOR / lookups / num_clustered
   return {"kv_budget": rows + summary, "rows_fraction": rows, "summary_fraction": summary,
           "attention_mass": stats.mass / lookups}
 
@@ -93,10 +96,11 @@ def rows_within_budget(kv_budget: float, num_clustered: int, summary_vectors: fl
 
   Raises BudgetTooSmallError when the summaries alone take the whole budget.
   """
-  rows = math.floor(kv_budget * num_clustered - summary_vectors / 2 + 1e-6)
+  rows = math.floor(kv_budget * num_clustered - summary_vectors * ROWS_PER_SUMMARY_VECTOR + 1e-6)
   if rows < 1:
     raise BudgetTooSmallError(
         f"{kv_budget=} leaves no rows for {method}: its {summary_vectors} summary vectors per "
-        f"lookup alone cost {summary_vectors / (2 * num_clustered):.4f} of the fixed context's "
+        f"lookup alone cost {summary_vectors * ROWS_PER_SUMMARY_VECTOR / num_clustered:.4f} of "
+        f"the fixed context's "
         f"KV bytes ({num_clustered=} keys)")
   return min(rows, num_clustered)

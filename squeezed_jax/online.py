@@ -17,7 +17,9 @@ Static capacities (shapes under jit):
     dropped and reported as overflows.
   * budget mode (`kv_budget`, a fraction of the clustered fixed context's KV bytes, summaries
     included): key_budget = floor(kv_budget * S' - summary vectors / 2) keys per (sequence,
-    layer, KV head) (`resolve_method`), max_rows = key_budget (never overflows).
+    layer, KV head) (`resolve_method`), max_rows = key_budget (never overflows). The
+    hierarchical lookup's summaries are its coarse centroids, and each lookup also pays half a
+    key per fine centroid it scores, so its keys are fewer by that much.
   * hierarchical: max_fine_clusters = min(K, ceil(headroom * (1 - coarse_percentile) * K)).
 """
 
@@ -145,8 +147,8 @@ def resolve_method(ctx: FixedContext, method: str, *, percentile: float | None =
     kv_budget = kept + summary_vectors(ctx, "squeezed", options) / (2 * num_keys)
   key_budget = None
   if kv_budget is not None:
-    key_budget = rows_within_budget(kv_budget, num_keys,
-                                    summary_vectors(ctx, method, options, max_fine), method)
+    key_budget = rows_within_budget(kv_budget, num_keys, summary_vectors(ctx, method, options),
+                                    method)
   if method not in SQUEEZED_METHODS:
     return MethodConfig(method, key_budget=key_budget, page_size=options.page_size,
                         sinks=options.sinks, measure_mass=options.measure_mass), None, None
@@ -173,18 +175,18 @@ def resolve_method(ctx: FixedContext, method: str, *, percentile: float | None =
   return config, threshold, coarse_threshold
 
 
-def summary_vectors(ctx: FixedContext, method: str, options: MethodOptions,
-                    max_fine_clusters: int | None = None) -> int:
-  """Summary vectors one lookup of `method` reads per (sequence, layer, KV head).
+def summary_vectors(ctx: FixedContext, method: str, options: MethodOptions) -> int:
+  """Summary vectors every lookup of `method` reads per (sequence, layer, KV head).
 
-  squeezed: every centroid (K); squeezed_hierarchical: every coarse centroid and at most
-  `max_fine_clusters` fine ones (a static bound: the fine centroids it scores depend on the
-  query); quest: a min and a max vector per page; the others: none.
+  squeezed: every centroid (K); squeezed_hierarchical: every coarse centroid (the fine ones it
+  scores depend on the query, and each lookup pays for them from its key budget:
+  `pallas_kernels.hierarchical.key_budget_after_fine_lookup`); quest: a min and a max vector
+  per page; the others: none.
   """
   if method == "squeezed":
     return ctx.clusters.centroids.shape[2]
   if method == "squeezed_hierarchical":
-    return ctx.clusters.coarse_centroids.shape[2] + max_fine_clusters
+    return ctx.clusters.coarse_centroids.shape[2]
   if method == "quest":
     return 2 * -(-ctx.num_clustered // options.page_size)
   return 0

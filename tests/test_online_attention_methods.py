@@ -7,6 +7,7 @@ match one dense forward over context + question + continuation within 1e-4 (floa
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from flax import nnx
 
 from models.llama.checkpoint import load_checkpoint
 from models.llama.tokenizer import load_tokenizer
+from pallas_kernels import references, selection
 from squeezed_jax import online
-from squeezed_jax.attention_methods import MethodConfig, OnlineAttention
+from squeezed_jax.attention_methods import MethodConfig, OnlineAttention, context_attention
 from squeezed_jax.context_layers import page_summaries, split_layers
 from squeezed_jax.fixed_context import ContextConfig, FixedContext
 from squeezed_jax.generation import pad_prompts
@@ -115,6 +117,37 @@ def test_pruning_changes_the_output(setup):
   assert np.abs(got[0] - want).max() > 1e-3
   rows = np.stack([np.asarray(c.stats.rows) for c in caches])
   assert rows.max() < (1 + DECODE_STEPS) * ctx.num_clustered
+
+
+@pytest.mark.parametrize("tokens", [1, 3])  # decode, prefill
+def test_hierarchical_lookup_pays_for_its_fine_centroids(setup, tokens):
+  """At a KV budget, a hierarchical lookup's keys are its key budget (the budget less the coarse
+  centroids) less half a key per fine centroid it scored: exactly the reference's top clusters
+  within that, so (rows + centroids / 2) / S' stays within the budget."""
+  model, ctx, _, _ = setup
+  kv_budget = 0.4
+  config, _, coarse_tau = online.resolve_method(ctx, "squeezed_hierarchical",
+                                                kv_budget=kv_budget)
+  num_coarse = ctx.clusters.coarse_centroids.shape[2]
+  assert config.key_budget == int(kv_budget * ctx.num_clustered - num_coarse / 2)
+  layer = split_layers(ctx, coarse_threshold=coarse_tau)[1]
+  q = jax.random.normal(jax.random.key(tokens), (2, tokens, model.config.num_heads,
+                                                 model.config.head_dim))
+  _, _, usage = context_attention(config, q, layer, jnp.ones((2, tokens), bool))
+
+  scores, kept_coarse = references.hierarchical_centroid_scores(
+      q if tokens > 1 else q[:, 0], layer.centroids, layer.counts, layer.coarse_centroids,
+      layer.coarse_counts, layer.coarse_offsets, coarse_threshold=coarse_tau)
+  scored = np.where(kept_coarse, np.diff(layer.coarse_offsets)[None], 0).sum(-1)
+  assert (scored > 0).all() and len(np.unique(scored)) > 1
+  key_budgets = config.key_budget - np.ceil(scored / 2)
+  want = selection.select_clusters(scores, layer.counts, layer.offsets,
+                                   max_rows=config.max_rows,
+                                   key_budget=jnp.asarray(key_budgets, jnp.int32))
+  np.testing.assert_array_equal(usage.rows, want.num_rows)
+  np.testing.assert_array_equal(usage.summary_vectors, num_coarse + scored)
+  used = (np.asarray(usage.rows) + np.asarray(usage.summary_vectors) / 2) / ctx.num_clustered
+  assert used.max() <= kv_budget + 1e-6
 
 
 def test_page_summaries_bound_every_key():

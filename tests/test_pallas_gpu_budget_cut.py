@@ -108,3 +108,20 @@ def test_a_nan_score_takes_no_budget():
   # Had the NaN cluster been taken first, its 30 keys would push others out.
   assert bool(jnp.all(jnp.where(others, scores > tau, True)))
   assert np.isfinite(float(tau))
+
+
+def test_a_budget_per_sequence_and_head():
+  """A [B, Hkv] key budget: each pair's cut is the one of its own budget."""
+  batch, group, num_clusters = 2, 2, 50
+  logits, parts, counts = _lookup(batch, group, num_clusters, seed=5)
+  scores = _reference_scores(logits, parts, batch, group, num_clusters)
+  budgets = jnp.array([[0, 40, 300], [7, 1000, 120]], jnp.int32)
+  got = budget_cut.budget_thresholds(logits, parts, NUM_PARTS, counts, budgets,
+                                     batch=batch, group=group, interpret=True)
+  keep = lambda tau: (scores > tau[..., None]) & (counts[None] > 0)
+  for b in range(batch):
+    for h in range(NUM_KV_HEADS):
+      want = selection.budget_thresholds(scores, counts, int(budgets[b, h]))
+      np.testing.assert_array_equal(keep(got)[b, h], keep(want)[b, h],
+                                    err_msg=f"{b=} {h=}")
+

@@ -150,32 +150,43 @@ def test_hierarchical_lookup(batch, group, head_dim, dtype, window):
   _check(q, ctx, window_kv, scores, out, lse, kept, num_rows, threshold=tau)
 
 
-@pytest.mark.parametrize("hierarchical", [False, True])
-def test_key_budget_keeps_the_top_clusters_of_each_sequence(hierarchical):
+@pytest.mark.parametrize("hierarchical,fine_centroid_cost",
+                         [(False, 0.0), (True, 0.0), (True, 0.5), (True, 3.0)])
+def test_key_budget_keeps_the_top_clusters_of_each_sequence(
+    hierarchical, fine_centroid_cost):
   """Per-(sequence, KV head) thresholds from the kernel's own lookup scores
-  keep exactly the reference's top clusters within the budget."""
+  keep exactly the reference's top clusters within the budget (the
+  hierarchical one less ceil(cost x the fine centroids it scored))."""
   batch, group = 3, 4
   ctx, coarse, q, window_kv = _inputs(batch, group, 64, jnp.float32, True)
   levels = {}
   scores = references.centroid_scores(q, ctx.centroids, ctx.counts)
+  scored_fine = jnp.zeros((batch, NUM_KV_HEADS), jnp.int32)
   if hierarchical:
     coarse_tau = float(jnp.quantile(
         references.centroid_scores(q, coarse[0], coarse[1]), 0.5))
     levels = dict(coarse_centroids=coarse[0], coarse_counts=coarse[1],
-                  coarse_offsets=coarse[2], coarse_threshold=coarse_tau)
-    scores, _ = references.hierarchical_centroid_scores(
+                  coarse_offsets=coarse[2], coarse_threshold=coarse_tau,
+                  fine_centroid_cost=fine_centroid_cost)
+    scores, kept_coarse = references.hierarchical_centroid_scores(
         q, ctx.centroids, ctx.counts, *coarse, coarse_threshold=coarse_tau)
+    scored_fine = jnp.where(kept_coarse, jnp.diff(coarse[2])[None], 0).sum(-1)
   for key_budget in (1, 70, NUM_KEYS):
     out, lse, kept, num_rows, _ = decode_attention.squeezed_decode_attention(
         q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
         key_budget=key_budget, window_keys=window_kv[0],
         window_values=window_kv[1], block_sizes=TILES, interpret=True,
         **levels)
+    budgets = np.maximum(
+        key_budget - np.ceil(fine_centroid_cost * np.asarray(scored_fine)),
+        0).astype(np.int32)
     want = _check(q, ctx, window_kv, scores, out, lse, kept, num_rows,
-                  key_budget=key_budget)
-    assert int(num_rows.max()) <= key_budget
+                  key_budget=jnp.asarray(budgets))
+    assert (np.asarray(num_rows) <= budgets).all()
     if key_budget == 70:
       assert len(np.unique(np.asarray(want.num_rows))) > 1
+      if fine_centroid_cost:
+        assert len(np.unique(budgets)) > 1
 
 
 def test_selection_modes_are_exclusive():

@@ -49,3 +49,23 @@ def test_candidate_cap_scores_only_the_first_fine_clusters(levels):
   assert np.asarray(kept).all()
   np.testing.assert_array_equal(got[..., 7:], 0.0)
   assert (np.asarray(got[..., :7]) > 0).any()
+
+
+def test_fine_candidates_and_the_budget_they_leave():
+  coarse_offsets = jnp.array([[0, 3, 4, 9], [0, 1, 5, 9]])  # 3 coarse each
+  kept_coarse = jnp.array([[[True, False, True], [False, True, True]]])
+  candidates = hierarchical.fine_candidates(kept_coarse, coarse_offsets)
+  np.testing.assert_array_equal(candidates, [[8, 8]])
+  kept_coarse = kept_coarse.at[0, 1].set([True, False, False])
+  candidates = hierarchical.fine_candidates(kept_coarse, coarse_offsets)
+  np.testing.assert_array_equal(candidates, [[8, 1]])
+  left = hierarchical.key_budget_after_fine_lookup(10, kept_coarse,
+                                                   coarse_offsets, 0.5)
+  np.testing.assert_array_equal(left, [[6, 9]])  # 10 - ceil(0.5 x scored)
+  capped = hierarchical.key_budget_after_fine_lookup(
+      jnp.array([[10, 3]]), kept_coarse, coarse_offsets, 0.5,
+      max_fine_clusters=5)
+  np.testing.assert_array_equal(capped, [[7, 2]])
+  np.testing.assert_array_equal(hierarchical.key_budget_after_fine_lookup(
+      3, kept_coarse, coarse_offsets, 1.0), [[0, 2]])  # never below 0
+

@@ -64,15 +64,22 @@ def test_decode_attention_matches_reference(backend):
   scores, want_coarse = references.hierarchical_centroid_scores(
       q, ctx.centroids, ctx.counts, *coarse, coarse_threshold=coarse_tau)
   tau = float(jnp.quantile(scores[scores > 0], 0.4))
-  for mode in (dict(threshold=tau), dict(key_budget=60)):
+  scored_fine = np.where(want_coarse, np.diff(coarse[2])[None], 0).sum(-1)
+  for mode in (dict(threshold=tau), dict(key_budget=60),
+               dict(key_budget=60, fine_centroid_cost=4.0)):
     out, lse, kept = pk.squeezed_decode_attention(
         q, ctx.keys, ctx.values, ctx.centroids, ctx.counts, ctx.offsets,
         window_keys=window_keys, window_values=window_values,
         coarse_centroids=coarse[0], coarse_counts=coarse[1],
         coarse_offsets=coarse[2], coarse_threshold=coarse_tau,
         backend=backend, interpret=True, **mode)
+    want_mode = dict(mode)
+    cost = want_mode.pop("fine_centroid_cost", 0.0)
+    if cost:  # the fine centroids scored are paid from the key budget
+      want_mode["key_budget"] = jnp.asarray(60 - np.ceil(cost * scored_fine),
+                                            jnp.int32)
     want = selection.select_clusters(scores, ctx.counts, ctx.offsets,
-                                     max_rows=180, **mode)
+                                     max_rows=180, **want_mode)
     np.testing.assert_array_equal(kept.clusters, want.clusters)
     np.testing.assert_array_equal(kept.num_rows, want.num_rows)
     np.testing.assert_array_equal(kept.coarse_clusters, want_coarse)

@@ -143,3 +143,14 @@ def test_budget_thresholds_leave_ties_at_the_cut_and_zero_scores_out():
   np.testing.assert_array_equal(scores > tau[..., None], [[[1, 0, 0, 0]]])
   tau = selection.budget_thresholds(scores, counts, key_budget=20)
   np.testing.assert_array_equal(scores > tau[..., None], [[[1, 1, 1, 0]]])
+
+
+def test_budget_thresholds_take_a_budget_per_sequence_and_head(counts):
+  scores = jax.random.uniform(jax.random.key(4), (2,) + counts.shape)
+  budgets = jnp.array([[3, 11, 25], [0, 40, 1000]])
+  tau = selection.budget_thresholds(scores, counts, budgets)
+  for b in range(2):
+    for h in range(counts.shape[0]):
+      want = selection.budget_thresholds(scores, counts, int(budgets[b, h]))
+      np.testing.assert_allclose(tau[b, h], want[b, h])
+

@@ -35,16 +35,17 @@ from pallas_kernels.gpu import centroid_scores
 _BISECTION_STEPS = 31
 
 
-def _budget_cut_kernel(lse_parts_ref, logits_ref, counts_ref, tau_ref, *,
-                       num_kv_heads: int, group: int, num_lookup_parts: int,
-                       num_clusters: int, key_budget: int, tile_rows: int,
-                       width: int):
+def _budget_cut_kernel(key_budget_ref, lse_parts_ref, logits_ref, counts_ref,
+                       tau_ref, *, num_kv_heads: int, group: int,
+                       num_lookup_parts: int, num_clusters: int,
+                       tile_rows: int, width: int):
   """One (sequence x KV head) program: tau_ref [] float32.
 
-  Refs as in `budget_thresholds` for this KV head: lse_parts_ref [Sp, Mp],
-  logits_ref [Mp, Kp], counts_ref [K]; the K scores are held as one vector
-  of `width` (a power of two >= K) entries.
+  Refs as in `budget_thresholds` for this sequence x KV head: key_budget_ref
+  [] int32, lse_parts_ref [Sp, Mp], logits_ref [Mp, Kp], counts_ref [K]; the
+  K scores are held as one vector of `width` (a power of two >= K) entries.
   """
+  key_budget = key_budget_ref[()]
   in_range = jnp.arange(width) < num_clusters
   counts = plgpu.load(counts_ref.at[pl.ds(0, width)], mask=in_range, other=0)
   scores = centroid_scores.group_max_probs(
@@ -77,7 +78,7 @@ def _budget_cut_kernel(lse_parts_ref, logits_ref, counts_ref, tau_ref, *,
 
 def budget_thresholds(logits: jax.Array, lse_parts: jax.Array,
                       num_lookup_parts: int, counts: jax.Array,
-                      key_budget: int, *, batch: int, group: int,
+                      key_budget: int | jax.Array, *, batch: int, group: int,
                       interpret: bool = False) -> jax.Array:
   """`selection.budget_thresholds` of the single-pass lookup's scores.
 
@@ -87,7 +88,7 @@ def budget_thresholds(logits: jax.Array, lse_parts: jax.Array,
     lse_parts: [Hkv, Sp, Mp], the first num_lookup_parts written.
     num_lookup_parts: number of written parts.
     counts: [Hkv, K] int32 keys per cluster.
-    key_budget: keys per (sequence, KV head).
+    key_budget: keys per (sequence, KV head): an int, or [B, Hkv] int.
     batch, group: B and G (query row m = b * G + g).
     interpret: run in the Pallas interpreter.
 
@@ -101,19 +102,22 @@ def budget_thresholds(logits: jax.Array, lse_parts: jax.Array,
   kernel = functools.partial(
       _budget_cut_kernel, num_kv_heads=num_kv_heads, group=group,
       num_lookup_parts=num_lookup_parts, num_clusters=num_clusters,
-      key_budget=key_budget, tile_rows=tile_rows, width=width)
+      tile_rows=tile_rows, width=width)
   head = lambda *shape: pl.BlockSpec(
       (None, *shape), lambda bh: (bh % num_kv_heads,) + (0,) * len(shape))
+  pair = pl.BlockSpec((None,), lambda bh: (bh,))
+  key_budgets = jnp.broadcast_to(jnp.asarray(key_budget, jnp.int32),
+                                 (batch, num_kv_heads)).reshape(-1)
   tau = pl.pallas_call(
       kernel,
       grid=(batch * num_kv_heads,),
-      in_specs=[head(*lse_parts.shape[1:]), head(*logits.shape[1:]),
+      in_specs=[pair, head(*lse_parts.shape[1:]), head(*logits.shape[1:]),
                 head(num_clusters)],
-      out_specs=pl.BlockSpec((None,), lambda bh: (bh,)),
+      out_specs=pair,
       out_shape=jax.ShapeDtypeStruct((batch * num_kv_heads,), jnp.float32),
       compiler_params=plgpu.CompilerParams(  # ~1K score tile entries a warp
           num_warps=min(16, max(4, tile_rows * width // 1024)), num_stages=1),
       interpret=interpret,
       name="squeezed_budget_cut",
-  )(lse_parts, logits, counts)
+  )(key_budgets, lse_parts, logits, counts)
   return tau.reshape(batch, num_kv_heads)

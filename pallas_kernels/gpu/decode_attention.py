@@ -49,6 +49,7 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from pallas_kernels import block_sizes as block_sizes_lib
+from pallas_kernels import hierarchical
 from pallas_kernels import own_rows
 from pallas_kernels import queries
 from pallas_kernels import selection as selection_lib
@@ -278,13 +279,14 @@ def fused_selection_attention(
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("key_budget", "sm_scale", "block_sizes",
-                                    "interpret"))
+                   static_argnames=("fine_centroid_cost", "sm_scale",
+                                    "block_sizes", "interpret"))
 def squeezed_decode_attention(
     q: jax.Array, keys: jax.Array, values: jax.Array, centroids: jax.Array,
     counts: jax.Array, offsets: jax.Array,
     threshold: float | jax.Array | None = None, *,
-    key_budget: int | None = None,
+    key_budget: int | jax.Array | None = None,
+    fine_centroid_cost: float = 0.0,
     active: jax.Array | None = None,
     window_keys: jax.Array | None = None,
     window_values: jax.Array | None = None,
@@ -307,8 +309,12 @@ def squeezed_decode_attention(
     centroids, counts, offsets: [Hkv, K, D], [Hkv, K], [Hkv, K + 1].
     threshold: keep fine clusters with sbar > threshold; or
     key_budget: keep the top fine clusters up to this many keys per (sequence,
-      KV head) (`selection.budget_thresholds` of the lookup's scores, found
-      by `budget_cut.budget_thresholds` without a sort).
+      KV head), an int or [B, Hkv] (`selection.budget_thresholds` of the
+      lookup's scores, found by `budget_cut.budget_thresholds` without a
+      sort).
+    fine_centroid_cost: hierarchical key-budget mode: keys of key_budget
+      charged per fine centroid scored
+      (`hierarchical.key_budget_after_fine_lookup`).
     active: [B] bool sequences whose query is real, or None (all); the others
       keep no cluster.
     window_keys, window_values: [Hkv, W, D] or None.
@@ -349,6 +355,9 @@ def squeezed_decode_attention(
         coarse_counts.astype(jnp.int32), coarse_offsets.astype(jnp.int32),
         coarse_threshold, batch=batch, group=group, sm_scale=scale,
         block_sizes=block_sizes, interpret=interpret)
+  if key_budget is not None and kept_coarse is not None:
+    key_budget = hierarchical.key_budget_after_fine_lookup(
+        key_budget, kept_coarse, coarse_offsets, fine_centroid_cost)
   if key_budget is not None:
     threshold = budget_cut.budget_thresholds(
         logits, lse_parts, num_parts, counts, key_budget, batch=batch,
