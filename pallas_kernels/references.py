@@ -142,6 +142,16 @@ def hierarchical_centroid_scores(
   return block_scores(probs, weights), keep_coarse
 
 
+def softmax_with_lse(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Softmax over the last axis of float32 logits (-inf = masked), and its
+  log-sum-exp: (weights like logits, 0 in a row with no finite logit; lse
+  [...], -inf there)."""
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  weights = jnp.where(jnp.isfinite(lse)[..., None],
+                      jnp.exp(logits - lse[..., None]), 0.0)
+  return weights, lse
+
+
 def attention(q: jax.Array, keys: jax.Array, values: jax.Array,
               key_mask: jax.Array | None = None, *,
               sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
@@ -164,9 +174,7 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array,
                       keys.astype(jnp.float32)) * scale
   if key_mask is not None:
     logits = jnp.where(key_mask[:, :, None, None, :], logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  weights = jnp.where(jnp.isfinite(lse)[..., None],
-                      jnp.exp(logits - lse[..., None]), 0.0)
+  weights, lse = softmax_with_lse(logits)
   out = jnp.einsum("BKGTS,KSD->BKGTD", weights, values.astype(jnp.float32))
   return queries.ungroup(out, lse, queries.is_decode(q), q.dtype)
 
@@ -198,9 +206,7 @@ def own_rows_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
                       preferred_element_type=jnp.float32) * scale
   visible = jnp.arange(keys.shape[1])[None, :] < lengths[:, None]
   logits = jnp.where(visible[:, None, None, :], logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  weights = jnp.where(jnp.isfinite(lse)[..., None],
-                      jnp.exp(logits - lse[..., None]), 0.0)
+  weights, lse = softmax_with_lse(logits)
   out = jnp.einsum("BKGT,BTKD->BKGD", weights.astype(values.dtype), values,
                    preferred_element_type=jnp.float32)
   return (out.reshape(batch, num_heads, head_dim),

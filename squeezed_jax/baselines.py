@@ -51,8 +51,7 @@ def masked_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
                         preferred_element_type=jnp.float32) * scale
     if mask is not None:
       logits = jnp.where(mask[:, :, None, None, :], logits, -jnp.inf)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    weights = jnp.where(jnp.isfinite(lse)[..., None], jnp.exp(logits - lse[..., None]), 0.0)
+    weights, lse = references.softmax_with_lse(logits)
     out = jnp.einsum("BKGTS,KSD->BKGTD", weights.astype(values.dtype), values,
                      preferred_element_type=jnp.float32)
     return queries.ungroup(out, lse, False, jnp.float32)

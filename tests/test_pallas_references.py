@@ -132,3 +132,12 @@ def test_attention_matches_numpy(context):
         np.testing.assert_allclose(lse[b, t, n], want_lse, rtol=1e-5)
         np.testing.assert_allclose(out[b, t, n], weights @ vn[h][keep],
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_softmax_with_lse_masks_rows_without_keys():
+  logits = jnp.array([[0.5, -jnp.inf, 2.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
+  weights, lse = references.softmax_with_lse(logits)
+  np.testing.assert_allclose(weights[0], jax.nn.softmax(logits[0]), rtol=1e-6)
+  np.testing.assert_allclose(lse[0], np.log(np.exp(0.5) + np.exp(2.0)), rtol=1e-6)
+  np.testing.assert_array_equal(weights[1], 0.0)
+  assert np.isneginf(lse[1])
