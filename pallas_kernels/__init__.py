@@ -267,6 +267,9 @@ def squeezed_decode_attention(
   if any((level is None) == hierarchical for level in coarse):
     raise ValueError("give all or none of coarse_centroids, coarse_counts, "
                      "coarse_offsets and coarse_threshold")
+  if fine_centroid_cost and not (hierarchical and key_budget is not None):
+    raise ValueError(f"{fine_centroid_cost=} needs a key_budget and the "
+                     "coarse level (it charges the fine lookup to the budget)")
   if own is not None:
     own_rows.check(own, q, keys.shape[0])
   resolved = resolve_backend(backend)

@@ -170,8 +170,9 @@ def _squeezed_decode(config: MethodConfig, q: jax.Array, layer: ContextLayer,
   mode = _selection_mode(config, layer)
   if config.name == "squeezed_hierarchical":
     mode.update(coarse_centroids=layer.coarse_centroids, coarse_counts=layer.coarse_counts,
-                coarse_offsets=layer.coarse_offsets, coarse_threshold=layer.coarse_threshold,
-                fine_centroid_cost=ROWS_PER_SUMMARY_VECTOR)
+                coarse_offsets=layer.coarse_offsets, coarse_threshold=layer.coarse_threshold)
+    if config.key_budget is not None:  # the fine lookup is paid from the budget
+      mode["fine_centroid_cost"] = ROWS_PER_SUMMARY_VECTOR
   out, lse, kept = pallas_kernels.squeezed_decode_attention(
       q[:, 0], layer.keys, layer.values, layer.centroids, layer.counts, layer.offsets,
       window_keys=layer.window_keys, window_values=layer.window_values, own=own,

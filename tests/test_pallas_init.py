@@ -128,3 +128,6 @@ def test_decode_attention_argument_errors():
   with pytest.raises(ValueError, match="all or none"):
     pk.squeezed_decode_attention(jnp.ones((1, 2, 8)), *args, threshold=0.1,
                                  coarse_centroids=ctx.centroids)
+  with pytest.raises(ValueError, match="needs a key_budget and the coarse"):
+    pk.squeezed_decode_attention(jnp.ones((1, 2, 8)), *args, key_budget=10,
+                                 fine_centroid_cost=0.5)
