@@ -92,7 +92,8 @@ class BudgetTooSmallError(ValueError):
 
 def rows_within_budget(kv_budget: float, num_clustered: int, summary_vectors: float,
                        method: str) -> int:
-  """The rows a lookup may read so that (rows + summary_vectors / 2) / S' <= kv_budget.
+  """The rows a lookup may read so that (rows + summary_vectors x ROWS_PER_SUMMARY_VECTOR) / S'
+  <= kv_budget.
 
   Raises BudgetTooSmallError when the summaries alone take the whole budget.
   """
@@ -101,6 +102,5 @@ def rows_within_budget(kv_budget: float, num_clustered: int, summary_vectors: fl
     raise BudgetTooSmallError(
         f"{kv_budget=} leaves no rows for {method}: its {summary_vectors} summary vectors per "
         f"lookup alone cost {summary_vectors * ROWS_PER_SUMMARY_VECTOR / num_clustered:.4f} of "
-        f"the fixed context's "
-        f"KV bytes ({num_clustered=} keys)")
+        f"the fixed context's KV bytes ({num_clustered=} keys)")
   return min(rows, num_clustered)
