@@ -449,8 +449,9 @@ def time_fused_attention(setup: Setup, qs: list[jax.Array], tau: float,
   fn = jax.jit(lambda q_rows, logits, parts, keys, values: (
       gpu_decode.fused_selection_attention(
           q_rows, logits, parts, num_parts, keys, values, ctx.counts,
-          ctx.offsets, tau, batch=batch, group=group, window_keys=None,
-          window_values=None, own=None, sm_scale=scale, out_dtype=qs[0].dtype,
+          ctx.offsets, tau, active=None, batch=batch, group=group,
+          window_keys=None, window_values=None, own=None, sm_scale=scale,
+          out_dtype=qs[0].dtype,
           block_sizes=block_sizes, interpret=_INTERPRET.value)))
   ms = timed_ms(fn, inputs)
   rows = float(np.asarray(fn(*inputs[0])[3]).sum())

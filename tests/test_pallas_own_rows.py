@@ -73,6 +73,7 @@ def test_squeezed_decode_merges_the_own_rows(backend, batch, group, dtype):
   want = selection.select_clusters(scores, ctx.counts, ctx.offsets,
                                    max_rows=NUM_KEYS, threshold=tau)
   np.testing.assert_array_equal(kept.clusters, want.clusters)
+  np.testing.assert_array_equal(kept.num_rows, want.num_rows)  # context only
   context = references.attention_with_window(
       f32(q), f32(ctx.keys), f32(ctx.values),
       selection.key_mask(want, NUM_KEYS), *map(f32, window))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import block_sizes as block_sizes_lib
 from pallas_kernels.gpu import centroid_scores
+from pallas_kernels.gpu import pair_scalars
 
 # Bisection steps: the bit patterns of non-negative finite floats lie in
 # [0, 0x7f800000), so an interval [-1, max] halves to width 1 in 31 steps.
@@ -105,15 +106,14 @@ def budget_thresholds(logits: jax.Array, lse_parts: jax.Array,
       tile_rows=tile_rows, width=width)
   head = lambda *shape: pl.BlockSpec(
       (None, *shape), lambda bh: (bh % num_kv_heads,) + (0,) * len(shape))
-  pair = pl.BlockSpec((None,), lambda bh: (bh,))
-  key_budgets = jnp.broadcast_to(jnp.asarray(key_budget, jnp.int32),
-                                 (batch, num_kv_heads)).reshape(-1)
+  key_budgets, budget_spec = pair_scalars.per_pair(key_budget, jnp.int32,
+                                                   batch, num_kv_heads)
   tau = pl.pallas_call(
       kernel,
       grid=(batch * num_kv_heads,),
-      in_specs=[pair, head(*lse_parts.shape[1:]), head(*logits.shape[1:]),
-                head(num_clusters)],
-      out_specs=pair,
+      in_specs=[budget_spec, head(*lse_parts.shape[1:]),
+                head(*logits.shape[1:]), head(num_clusters)],
+      out_specs=pl.BlockSpec((None,), lambda bh: (bh,)),
       out_shape=jax.ShapeDtypeStruct((batch * num_kv_heads,), jnp.float32),
       compiler_params=plgpu.CompilerParams(  # ~1K score tile entries a warp
           num_warps=min(16, max(4, tile_rows * width // 1024)), num_stages=1),

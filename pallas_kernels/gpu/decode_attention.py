@@ -58,6 +58,7 @@ from pallas_kernels.gpu import centroid_scores as gpu_scores
 from pallas_kernels.gpu import decode_reduce
 from pallas_kernels.gpu import flash_blocks
 from pallas_kernels.gpu import hierarchical_scores
+from pallas_kernels.gpu import pair_scalars
 
 
 def _piece_list_start(offsets_ref, chunk: jnp.ndarray, block_clusters: int,
@@ -74,14 +75,13 @@ def _piece_list_start(offsets_ref, chunk: jnp.ndarray, block_clusters: int,
   return offsets_ref[first] // piece_rows + first + chunk
 
 
-def _select_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
-                   offsets_ref, pieces_ref, chunk_rows_ref, chunk_pieces_ref,
-                   kept_ref, *, num_kv_heads: int, group: int,
+def _select_kernel(threshold_ref, *refs, num_kv_heads: int, group: int,
                    num_lookup_parts: int, num_clusters: int, tile_rows: int,
-                   piece_rows: int):
+                   piece_rows: int, has_active: bool):
   """One (sequence x KV head, chunk) program: its kept clusters, as pieces.
 
-  Refs: threshold_ref [] f32 (this sequence x KV head's tau); lse_parts_ref
+  Refs: threshold_ref [] f32 (this sequence x KV head's tau); if has_active,
+  active_ref [] int32 (0: the sequence keeps nothing); lse_parts_ref
   [Sp, Mp]; logits_ref [Mp, Kp] (rows m = b * G + g of this KV head);
   counts_ref [K]; offsets_ref [K + 1]. Outputs: pieces_ref [E] int32, of
   which this program writes its chunk's segment (`_piece_list_start`): the
@@ -89,6 +89,12 @@ def _select_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
   chunk_rows_ref, chunk_pieces_ref [] int32 (kept rows, pieces written);
   kept_ref [C] int32 (1 = kept).
   """
+  active_ref = refs[0] if has_active else None
+  (lse_parts_ref, logits_ref, counts_ref, offsets_ref, pieces_ref,
+   chunk_rows_ref, chunk_pieces_ref, kept_ref) = refs[has_active:]
+  threshold = threshold_ref[()]
+  if has_active:
+    threshold = jnp.where(active_ref[()] != 0, threshold, jnp.inf)
   block_clusters = kept_ref.shape[0]
   first = pl.program_id(1) * block_clusters
   in_range = first + jnp.arange(block_clusters) < num_clusters
@@ -99,7 +105,7 @@ def _select_kernel(threshold_ref, lse_parts_ref, logits_ref, counts_ref,
       first_cluster=first, in_range=in_range)
   chunk = pl.ds(first, block_clusters)
   counts = plgpu.load(counts_ref.at[chunk], mask=in_range, other=0)
-  keep = (scores > threshold_ref[()]) & (counts > 0)
+  keep = (scores > threshold) & (counts > 0)
   sizes = jnp.where(keep, counts, 0)
   pieces = (sizes + piece_rows - 1) // piece_rows
   first_rows = plgpu.load(offsets_ref.at[chunk], mask=in_range, other=0)
@@ -149,7 +155,8 @@ def fused_selection_attention(
     q_rows: jax.Array, logits: jax.Array, lse_parts: jax.Array,
     num_lookup_parts: int, keys: jax.Array, values: jax.Array,
     counts: jax.Array, offsets: jax.Array, threshold: float | jax.Array, *,
-    batch: int, group: int, window_keys: jax.Array | None,
+    active: jax.Array | None, batch: int, group: int,
+    window_keys: jax.Array | None,
     window_values: jax.Array | None, own: own_rows.OwnRows | None,
     sm_scale: float, out_dtype: jnp.dtype,
     block_sizes: block_sizes_lib.DecodeBlockSizes, interpret: bool
@@ -167,6 +174,8 @@ def fused_selection_attention(
     keys, values: [Hkv, S', D] cluster-contiguous.
     counts, offsets: [Hkv, K], [Hkv, K + 1] int32.
     threshold: tau, keep clusters with sbar > tau: a scalar or [B, Hkv].
+    active: [B] bool sequences whose query is real, or None (all); the others
+      keep no cluster.
     batch, group: B and G.
     window_keys, window_values: [Hkv, W, D] or None.
     own: each sequence's own rows, or None.
@@ -199,12 +208,16 @@ def fused_selection_attention(
   select = functools.partial(
       _select_kernel, num_kv_heads=num_kv_heads, group=group,
       num_lookup_parts=num_lookup_parts, num_clusters=num_clusters,
-      tile_rows=q_block, piece_rows=piece_rows)
+      tile_rows=q_block, piece_rows=piece_rows, has_active=active is not None)
+  scalars = [pair_scalars.per_pair(threshold, jnp.float32, batch,
+                                   num_kv_heads)]
+  if active is not None:
+    scalars.append(pair_scalars.per_sequence(active, jnp.int32, num_kv_heads))
   pieces, parts_rows, chunk_pieces, kept = pl.pallas_call(
       select,
       grid=grid,
       in_specs=[
-          pl.BlockSpec((None,), lambda bh, j: (bh,)),
+          *(spec for _, spec in scalars),
           head(*lse_parts.shape[1:]),
           head(*logits.shape[1:]),
           head(num_clusters),
@@ -225,9 +238,7 @@ def fused_selection_attention(
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
       interpret=interpret,
       name="squeezed_decode_selection",
-  )(jnp.broadcast_to(jnp.asarray(threshold, jnp.float32),
-                      (batch, num_kv_heads)).reshape(-1), lse_parts, logits,
-    counts, offsets)
+  )(*(value for value, _ in scalars), lse_parts, logits, counts, offsets)
   attend = functools.partial(
       _attend_kernel, sm_scale=sm_scale, num_kv_heads=num_kv_heads,
       group=group, block_clusters=block_clusters,
@@ -263,13 +274,11 @@ def fused_selection_attention(
   if window_keys is not None:
     window_keys = window_keys.astype(keys.dtype)
     window_values = window_values.astype(keys.dtype)
-  pairs = jnp.swapaxes(q_rows[:, :batch * group].reshape(
-      num_kv_heads, batch, group, head_dim), 0, 1)
   out, lse, num_rows = decode_reduce.reduce_partials(
-      pairs.reshape(batch * num_kv_heads, group, head_dim), parts_out,
-      parts_lse, num_chunks, num_q_rows=group, num_kv_heads=num_kv_heads,
-      parts_rows=parts_rows, window_keys=window_keys,
-      window_values=window_values, own=own, rows_per_sequence=group,
+      q_rows, parts_out, parts_lse, num_chunks, num_q_rows=group,
+      num_kv_heads=num_kv_heads, parts_rows=parts_rows,
+      window_keys=window_keys, window_values=window_values, own=own,
+      rows_per_sequence=group, q_rows_of_kv_heads=True,
       sm_scale=sm_scale, block_rows=block_sizes.reduce_rows, out_dtype=out_dtype,
       interpret=interpret)
   num_heads = num_kv_heads * group
@@ -362,11 +371,10 @@ def squeezed_decode_attention(
     threshold = budget_cut.budget_thresholds(
         logits, lse_parts, num_parts, counts, key_budget, batch=batch,
         group=group, interpret=interpret)
-  if active is not None:
-    threshold = jnp.where(active[:, None], threshold, jnp.inf)
   out, lse, kept, num_rows = fused_selection_attention(
       q_rows, logits, lse_parts, num_parts, keys, values, counts, offsets,
-      threshold, batch=batch, group=group, window_keys=window_keys,
-      window_values=window_values, own=own, sm_scale=scale, out_dtype=q.dtype,
+      threshold, active=active, batch=batch, group=group,
+      window_keys=window_keys, window_values=window_values, own=own,
+      sm_scale=scale, out_dtype=q.dtype,
       block_sizes=block_sizes, interpret=interpret)
   return out, lse, kept, num_rows, kept_coarse

@@ -55,10 +55,13 @@ def _merge_parts(carry: tuple, outs: jnp.ndarray,
 
 def _reduce_kernel(q_ref, parts_out_ref, parts_lse_ref, *refs, sm_scale: float,
                    num_parts: int, parts_per_step: int, block_rows: int,
-                   has_rows: bool, has_window: bool, has_own: bool):
-  """One (sequence x KV head, query row r) program.
+                   has_rows: bool, has_window: bool, has_own: bool,
+                   num_kv_heads: int, q_rows_per_pair: int):
+  """One (pair n, query row r) program.
 
-  Refs: q_ref [Rp, D] query rows of this sequence x KV head;
+  Refs: q_ref [Rp, D] query rows: the pair's (q_rows_per_pair = 0), or its
+  KV head's, of which pair n's start at (n // num_kv_heads) x
+  q_rows_per_pair;
   parts_out_ref [Pp, D], parts_lse_ref [Pp] (row r of each partial, the
   first num_parts written); if has_rows, parts_rows_ref [Pp]; if has_window,
   window keys and values [W, D]; if has_own, the row's sequence's own-row
@@ -80,8 +83,10 @@ def _reduce_kernel(q_ref, parts_out_ref, parts_lse_ref, *refs, sm_scale: float,
            jnp.float32(0.0))
   if contiguous:
     first = jnp.arange(_Q_TILE) == 0
-    q = plgpu.load(q_ref.at[pl.ds(pl.program_id(1), _Q_TILE)],
-                   mask=first[:, None], other=0.0)
+    row = ((pl.program_id(0) // num_kv_heads) * q_rows_per_pair
+           + pl.program_id(1))
+    q = plgpu.load(q_ref.at[pl.ds(row, _Q_TILE)], mask=first[:, None],
+                   other=0.0)
     carry = flash_blocks.empty_carry(_Q_TILE, head_dim)
     for k_ref, v_ref, stop in contiguous:
       carry = flash_blocks.attend_contiguous(
@@ -123,6 +128,7 @@ def reduce_partials(
     window_keys: jax.Array | None = None,
     window_values: jax.Array | None = None,
     own: own_rows.OwnRows | None = None, rows_per_sequence: int = 1,
+    q_rows_of_kv_heads: bool = False,
     sm_scale: float, block_rows: int, out_dtype: jnp.dtype,
     interpret: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
@@ -136,7 +142,10 @@ def reduce_partials(
   n // Hkv + r // rows_per_sequence.
 
   Args:
-    q_rows: [N, Rp >= R, D] query rows (only read with a window).
+    q_rows: [N, Rp >= R, D] query rows of each pair (only read with a
+      window or own rows); or, with q_rows_of_kv_heads, [Hkv, Mp, D] the rows
+      of each KV head, rows p x R .. p x R + R - 1 of KV head h being those
+      of pair n = p x Hkv + h (the decode lookup's layout: no copy).
     parts_out: [Pp, N, Rq >= R, D] float32 split partials (normalised), the
       first num_parts written along the first axis.
     parts_lse: [Pp, N, Rq] float32 (-inf: the split attended nothing).
@@ -166,8 +175,10 @@ def reduce_partials(
   has_own = own is not None
   window_spec = lambda shape: pl.BlockSpec(
       (None, *shape), lambda n, r: (n % num_kv_heads, 0, 0))
+  q_rows_of = ((lambda n, r: (n % num_kv_heads, 0, 0)) if q_rows_of_kv_heads
+               else (lambda n, r: (n, 0, 0)))
   in_specs = [
-      pl.BlockSpec((None, *q_rows.shape[1:]), lambda n, r: (n, 0, 0)),
+      pl.BlockSpec((None, *q_rows.shape[1:]), q_rows_of),
       pl.BlockSpec((num_padded_parts, None, None, head_dim),
                    lambda n, r: (0, n, r, 0)),
       pl.BlockSpec((num_padded_parts, None, None), lambda n, r: (0, n, r)),
@@ -201,7 +212,8 @@ def reduce_partials(
       _reduce_kernel, sm_scale=sm_scale, num_parts=num_parts,
       parts_per_step=min(num_padded_parts, _PARTS_PER_STEP),
       block_rows=block_rows, has_rows=has_rows, has_window=has_window,
-      has_own=has_own)
+      has_own=has_own, num_kv_heads=num_kv_heads,
+      q_rows_per_pair=num_q_rows if q_rows_of_kv_heads else 0)
   out, lse, *rows = pl.pallas_call(
       kernel,
       grid=(num_pairs, num_q_rows),
