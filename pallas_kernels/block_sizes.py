@@ -117,8 +117,11 @@ class DecodeBlockSizes:
     block_clusters: consecutive clusters per selection and attention program
       (a chunk); the selection lists the chunk's kept clusters.
     block_rows: kept rows gathered per inner-loop step of the attention.
-    reduce_rows: window and own rows read per step of the reduce (128: the
-      H200 measurement in benchmarks/RESULTS.md, seventh pass).
+    reduce_rows: window rows read per step of the reduce (128: the H200
+      measurement in benchmarks/RESULTS.md, seventh pass).
+    own_split_rows: a sequence's own rows (question + generated tokens) per
+      attention program: they are split like the chunks, and merged with
+      them in the reduce.
     piece_rows: rows per entry of the selection's lists (a kept cluster of N
       rows takes ceil(N / piece_rows) entries; 1: a plain row list).
     num_warps: warps per attention program.
@@ -133,6 +136,7 @@ class DecodeBlockSizes:
   block_clusters: int = 128
   block_rows: int = 64
   reduce_rows: int = 128
+  own_split_rows: int = 128
   piece_rows: int = 8
   num_warps: int = 2
   num_stages: int = 3
@@ -144,6 +148,7 @@ class DecodeBlockSizes:
     _check_power_of_two(block_clusters=self.block_clusters,
                         block_rows=self.block_rows,
                         reduce_rows=self.reduce_rows,
+                        own_split_rows=self.own_split_rows,
                         piece_rows=self.piece_rows,
                         coarse_block=self.coarse_block,
                         fine_block=self.fine_block)

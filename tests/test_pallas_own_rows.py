@@ -21,9 +21,10 @@ from pallas_kernels import selection
 from pallas_kernels import synthetic
 
 NUM_KV_HEADS, NUM_KEYS, NUM_CLUSTERS, WINDOW, OWN_LEN = 2, 300, 23, 37, 45
-# Small tiles: several chunks, window and own-row steps of 16 rows.
+# Small tiles: several chunks, window and own-row steps of 16 rows, own rows
+# in three splits (of 16, 16 and 13 rows) after the chunks.
 TILES = block_sizes.DecodeBlockSizes(
-    block_clusters=8, block_rows=16, reduce_rows=16,
+    block_clusters=8, block_rows=16, reduce_rows=16, own_split_rows=16,
     lookup=block_sizes.LookupBlockSizes(block_k=16, single_pass_max_rows=16))
 
 

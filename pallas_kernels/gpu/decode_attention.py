@@ -25,10 +25,12 @@ q (one more in the key-budget mode: `budget_cut` turns the budget into each
 3. the attention, one program per (sequence x KV head, chunk): it walks its
    chunk's pieces, gathers their rows and keeps an online softmax. Chunks of
    heads that keep many rows are simply longer programs, and the grid
-   (thousands of programs) balances them;
-4. `decode_reduce`: the observation window, the sequence's own rows (its
-   question and generated tokens, if given) and the log-sum-exp merge of the
-   chunks' partials, one program per query row.
+   (thousands of programs) balances them. The sequence's own rows (its
+   question and generated tokens, if given) are more programs of the same
+   grid, `own_split_rows` contiguous rows each: in the reduce they took 9 us
+   per layer at batch 1 in 32 programs (benchmarks/RESULTS.md, ninth pass);
+4. `decode_reduce`: the observation window and the log-sum-exp merge of the
+   partials, one program per query row.
 
 A first version did the selection inside the attention program and mapped
 each slot of a step to its row by comparing it with every cluster of the
@@ -127,27 +129,45 @@ def _select_kernel(threshold_ref, *refs, num_kv_heads: int, group: int,
 
 
 def _attend_kernel(chunk_pieces_ref, offsets_ref, pieces_ref, q_ref, k_ref,
-                   v_ref, out_ref, lse_ref, *, sm_scale: float,
-                   num_kv_heads: int, group: int, block_clusters: int,
-                   block_rows: int, piece_rows: int):
-  """One (sequence x KV head, chunk) program: attention over its kept rows.
+                   v_ref, *refs, sm_scale: float, num_kv_heads: int,
+                   group: int, block_clusters: int, block_rows: int,
+                   piece_rows: int, num_chunks: int, own_split_rows: int):
+  """One (sequence x KV head, chunk or own split) program: attention over its
+  chunk's kept rows or, for programs past the num_chunks chunks (given own
+  rows), over one split of own_split_rows of the sequence's own rows.
+
+  Both loops are always there, one of them with no steps: a branch between
+  them would keep the gather loop from being software-pipelined.
 
   Refs: chunk_pieces_ref [] int32 and pieces_ref [E] from `_select_kernel`;
-  offsets_ref [K + 1]; q_ref [Mp, D]; k_ref, v_ref [S', D]. Outputs: out_ref
-  [Gq, D] f32 and lse_ref [Gq] (the chunk's partial for the G query heads,
+  offsets_ref [K + 1]; q_ref [Mp, D]; k_ref, v_ref [S', D]; then, with own
+  rows, own_length_ref [] int32 and own_k_ref, own_v_ref [T, D]. Outputs:
+  out_ref [Gq, D] f32 and lse_ref [Gq] (the partial for the G query heads,
   padded to Gq rows).
   """
+  *own_refs, out_ref, lse_ref = refs
   q_block, head_dim = out_ref.shape
   real = jnp.arange(q_block) < group
   first_row = (pl.program_id(0) // num_kv_heads) * group
   q = plgpu.load(q_ref.at[pl.ds(first_row, q_block)], mask=real[:, None],
                  other=0.0).astype(k_ref.dtype)
-  start = _piece_list_start(offsets_ref, pl.program_id(1), block_clusters,
-                            piece_rows)
+  split = pl.program_id(1) - num_chunks  # >= 0: an own-rows program
+  start = _piece_list_start(offsets_ref, jnp.minimum(pl.program_id(1),
+                                                     num_chunks - 1),
+                            block_clusters, piece_rows)
+  stop = jnp.where(split < 0, start + chunk_pieces_ref[()], start)
   carry = flash_blocks.attend_listed(
-      q, pieces_ref, k_ref, v_ref, start, start + chunk_pieces_ref[()],
-      block_rows, flash_blocks.empty_carry(q_block, head_dim), sm_scale,
+      q, pieces_ref, k_ref, v_ref, start, stop, block_rows,
+      flash_blocks.empty_carry(q_block, head_dim), sm_scale,
       piece_rows=piece_rows)
+  if own_refs:
+    own_length_ref, own_k_ref, own_v_ref = own_refs
+    first = jnp.maximum(split, 0) * own_split_rows
+    own_stop = jnp.where(
+        split < 0, first,
+        jnp.minimum(first + own_split_rows, own_length_ref[()]))
+    carry = flash_blocks.attend_contiguous(
+        q, own_k_ref, own_v_ref, first, own_stop, block_rows, carry, sm_scale)
   flash_blocks.store_partial(out_ref, lse_ref, carry, real)
 
 
@@ -192,7 +212,9 @@ def fused_selection_attention(
   num_clusters = counts.shape[1]
   block_clusters = block_sizes.block_clusters
   num_chunks = pl.cdiv(num_clusters, block_clusters)
-  num_parts = block_sizes_lib.next_power_of_two(num_chunks)
+  own_splits = 0 if own is None else pl.cdiv(own.keys.shape[1],
+                                             block_sizes.own_split_rows)
+  num_parts = block_sizes_lib.next_power_of_two(num_chunks + own_splits)
   num_pairs = batch * num_kv_heads
   q_block = max(16, block_sizes_lib.next_power_of_two(group))
   grid = (num_pairs, num_chunks)
@@ -242,24 +264,36 @@ def fused_selection_attention(
   attend = functools.partial(
       _attend_kernel, sm_scale=sm_scale, num_kv_heads=num_kv_heads,
       group=group, block_clusters=block_clusters,
-      block_rows=block_sizes.block_rows, piece_rows=piece_rows)
+      block_rows=block_sizes.block_rows, piece_rows=piece_rows,
+      num_chunks=num_chunks, own_split_rows=block_sizes.own_split_rows)
+  own_inputs = []
+  if own is not None:
+    own_rows_spec = pl.BlockSpec(
+        (None, own.keys.shape[1], None, head_dim),
+        lambda bh, j: (bh // num_kv_heads, 0, bh % num_kv_heads, 0))
+    own_inputs = [
+        pair_scalars.per_sequence(own.lengths, jnp.int32, num_kv_heads),
+        (own.keys.astype(keys.dtype), own_rows_spec),
+        (own.values.astype(keys.dtype), own_rows_spec)]
+  last_chunk = lambda j: jnp.minimum(j, num_chunks - 1)  # own splits: unread
   parts_out, parts_lse = pl.pallas_call(
       attend,
-      grid=grid,
+      grid=(num_pairs, num_chunks + own_splits),
       in_specs=[
-          per_chunk,
+          pl.BlockSpec((None, None), lambda bh, j: (last_chunk(j), bh)),
           head(num_clusters + 1),
           pair_list,
           head(*q_rows.shape[1:]),
           head(num_keys, head_dim),
           head(num_keys, head_dim),
+          *(spec for _, spec in own_inputs),
       ],
       out_specs=[
           pl.BlockSpec((None, None, q_block, head_dim),
                        lambda bh, j: (j, bh, 0, 0)),
           pl.BlockSpec((None, None, q_block), lambda bh, j: (j, bh, 0)),
       ],
-      out_shape=[  # parts num_chunks .. num_parts - 1: padding, unwritten
+      out_shape=[  # parts past the chunks and own splits: padding, unwritten
           jax.ShapeDtypeStruct((num_parts, num_pairs, q_block, head_dim),
                                jnp.float32),
           jax.ShapeDtypeStruct((num_parts, num_pairs, q_block), jnp.float32),
@@ -268,17 +302,18 @@ def fused_selection_attention(
           num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages),
       interpret=interpret,
       name="squeezed_decode_attention",
-  )(chunk_pieces, offsets, pieces, q_rows, keys, values)
+  )(chunk_pieces, offsets, pieces, q_rows, keys, values,
+    *(value for value, _ in own_inputs))
   kept = jnp.moveaxis(kept, 0, 1).reshape(
       batch, num_kv_heads, num_chunks * block_clusters)[..., :num_clusters]
   if window_keys is not None:
     window_keys = window_keys.astype(keys.dtype)
     window_values = window_values.astype(keys.dtype)
   out, lse, num_rows = decode_reduce.reduce_partials(
-      q_rows, parts_out, parts_lse, num_chunks, num_q_rows=group,
-      num_kv_heads=num_kv_heads, parts_rows=parts_rows,
-      window_keys=window_keys, window_values=window_values, own=own,
-      rows_per_sequence=group, q_rows_of_kv_heads=True,
+      q_rows, parts_out, parts_lse, num_chunks + own_splits,
+      num_q_rows=group, num_kv_heads=num_kv_heads, parts_rows=parts_rows,
+      num_row_parts=num_chunks, window_keys=window_keys,
+      window_values=window_values, q_rows_of_kv_heads=True,
       sm_scale=sm_scale, block_rows=block_sizes.reduce_rows, out_dtype=out_dtype,
       interpret=interpret)
   num_heads = num_kv_heads * group

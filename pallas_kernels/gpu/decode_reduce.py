@@ -55,15 +55,16 @@ def _merge_parts(carry: tuple, outs: jnp.ndarray,
 
 def _reduce_kernel(q_ref, parts_out_ref, parts_lse_ref, *refs, sm_scale: float,
                    num_parts: int, parts_per_step: int, block_rows: int,
-                   has_rows: bool, has_window: bool, has_own: bool,
-                   num_kv_heads: int, q_rows_per_pair: int):
+                   num_row_parts: int, has_rows: bool, has_window: bool,
+                   has_own: bool, num_kv_heads: int, q_rows_per_pair: int):
   """One (pair n, query row r) program.
 
   Refs: q_ref [Rp, D] query rows: the pair's (q_rows_per_pair = 0), or its
   KV head's, of which pair n's start at (n // num_kv_heads) x
   q_rows_per_pair;
   parts_out_ref [Pp, D], parts_lse_ref [Pp] (row r of each partial, the
-  first num_parts written); if has_rows, parts_rows_ref [Pp]; if has_window,
+  first num_parts written); if has_rows, parts_rows_ref [Pp] (the first
+  num_row_parts written); if has_window,
   window keys and values [W, D]; if has_own, the row's sequence's own-row
   count [] and own keys and values [T, D]; then out_ref [D], lse_ref [] and,
   if has_rows, rows_ref [].
@@ -106,8 +107,8 @@ def _reduce_kernel(q_ref, parts_out_ref, parts_lse_ref, *refs, sm_scale: float,
                       other=0.0)
     lses = plgpu.load(parts_lse_ref.at[window], mask=written, other=-jnp.inf)
     if has_rows:
-      rows += plgpu.load(parts_rows_ref.at[window], mask=written,
-                         other=0).sum()
+      rows += plgpu.load(parts_rows_ref.at[window],
+                         mask=ids < num_row_parts, other=0).sum()
     return _merge_parts(state, outs, lses), rows
 
   num_steps = parts_lse_ref.shape[0] // parts_per_step
@@ -124,7 +125,7 @@ def _reduce_kernel(q_ref, parts_out_ref, parts_lse_ref, *refs, sm_scale: float,
 def reduce_partials(
     q_rows: jax.Array, parts_out: jax.Array, parts_lse: jax.Array,
     num_parts: int, *, num_q_rows: int, num_kv_heads: int,
-    parts_rows: jax.Array | None = None,
+    parts_rows: jax.Array | None = None, num_row_parts: int | None = None,
     window_keys: jax.Array | None = None,
     window_values: jax.Array | None = None,
     own: own_rows.OwnRows | None = None, rows_per_sequence: int = 1,
@@ -153,6 +154,8 @@ def reduce_partials(
     num_q_rows: R.
     num_kv_heads: Hkv (the window of pair n is KV head n % Hkv).
     parts_rows: [Pp, N] int32 rows each split read, or None.
+    num_row_parts: the first splits whose parts_rows are written (None:
+      num_parts; the fused decode's own-row splits come after its chunks).
     window_keys, window_values: [Hkv, W, D] (one dtype) or None.
     own: each sequence's own rows (keys, values [B, T, Hkv, D]; lengths
       [B]), or None.
@@ -210,6 +213,7 @@ def reduce_partials(
                                           jnp.int32))
   kernel = functools.partial(
       _reduce_kernel, sm_scale=sm_scale, num_parts=num_parts,
+      num_row_parts=num_parts if num_row_parts is None else num_row_parts,
       parts_per_step=min(num_padded_parts, _PARTS_PER_STEP),
       block_rows=block_rows, has_rows=has_rows, has_window=has_window,
       has_own=has_own, num_kv_heads=num_kv_heads,
