@@ -42,7 +42,8 @@ from squeezed_jax.attention_methods import (METHODS, SQUEEZED_METHODS, MethodCon
 from squeezed_jax.context_layers import ContextLayer, split_layers
 from squeezed_jax.fixed_context import FixedContext
 from squeezed_jax.generation import decode_loop, pad_prompts, prefill_step
-from squeezed_jax.kv_budget import BudgetStats, budget_fractions, rows_within_budget
+from squeezed_jax.kv_budget import (ROWS_PER_SUMMARY_VECTOR, BudgetStats, budget_fractions,
+                                     rows_within_budget)
 from squeezed_jax.sampling import SamplingParams
 
 
@@ -144,7 +145,8 @@ def resolve_method(ctx: FixedContext, method: str, *, percentile: float | None =
         options.headroom * (1.0 - options.coarse_percentile) * num_fine)))
   if kv_budget is None and percentile is not None and method not in SQUEEZED_METHODS:
     kept = float(ctx.kept_fraction[ctx.percentile_index(percentile)].mean())
-    kv_budget = kept + summary_vectors(ctx, "squeezed", options) / (2 * num_keys)
+    kv_budget = kept + (summary_vectors(ctx, "squeezed", options) * ROWS_PER_SUMMARY_VECTOR
+                        / num_keys)
   key_budget = None
   if kv_budget is not None:
     key_budget = rows_within_budget(kv_budget, num_keys, summary_vectors(ctx, method, options),
