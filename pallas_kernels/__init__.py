@@ -319,6 +319,7 @@ def shared_selection_attention(
     window_keys: jax.Array | None = None,
     window_values: jax.Array | None = None, own: OwnRows | None = None,
     sm_scale: float | None = None, backend: str | None = None,
+    block_sizes: AttentionBlockSizes | None = None,
     interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Decode attention of a batch whose sequences share one selection.
 
@@ -335,6 +336,7 @@ def shared_selection_attention(
     own: each sequence's own rows, merged into the result, or None.
     sm_scale: softmax scale, 1 / sqrt(D) if None.
     backend: None (from the platform), "xla", "gpu" or "tpu".
+    block_sizes: GPU tiles (None = `AttentionBlockSizes.for_decode()`).
     interpret: run the GPU / TPU kernels in the Pallas interpreter.
 
   Returns:
@@ -358,7 +360,7 @@ def shared_selection_attention(
     out, lse = gpu_attention.sparse_attention(
         folded, keys, values, selection, window_keys=window_keys,
         window_values=window_values, own=own, own_rows_per_sequence=group,
-        sm_scale=sm_scale, interpret=interpret)
+        sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
   else:
     out, lse = sparse_attention(folded, keys, values, selection,
                                 window_keys=window_keys,

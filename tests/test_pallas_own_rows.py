@@ -39,7 +39,7 @@ def _inputs(batch, group, dtype):
   own = pallas_kernels.OwnRows(
       *jax.random.normal(keys[3], (2, batch, OWN_LEN, NUM_KV_HEADS, 64),
                          dtype),
-      jnp.array([OWN_LEN, 1, 0][:batch], jnp.int32))  # all, one, none
+      jnp.array([OWN_LEN, 1, 0, 17, 30][:batch], jnp.int32))  # all .. none
   return ctx, q, window, own
 
 
@@ -60,10 +60,15 @@ def _assert_close(got, want, dtype):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "xla"])
-@pytest.mark.parametrize("batch,group,dtype", [(3, 4, jnp.bfloat16),
-                                               (2, 1, jnp.float32)])
-def test_squeezed_decode_merges_the_own_rows(backend, batch, group, dtype):
+@pytest.mark.parametrize("batch,group,dtype,with_window",
+                         [(3, 4, jnp.bfloat16, True),
+                          (2, 1, jnp.float32, True),
+                          (2, 1, jnp.float32, False)])
+def test_squeezed_decode_merges_the_own_rows(backend, batch, group, dtype,
+                                             with_window):
   ctx, q, window, own = _inputs(batch, group, dtype)
+  if not with_window:
+    window = (None, None)
   f32 = lambda x: x.astype(jnp.float32)
   scores = references.centroid_scores(q, ctx.centroids, ctx.counts)
   tau = float(jnp.quantile(scores, 0.6))
@@ -77,16 +82,23 @@ def test_squeezed_decode_merges_the_own_rows(backend, batch, group, dtype):
   np.testing.assert_array_equal(kept.num_rows, want.num_rows)  # context only
   context = references.attention_with_window(
       f32(q), f32(ctx.keys), f32(ctx.values),
-      selection.key_mask(want, NUM_KEYS), *map(f32, window))
+      selection.key_mask(want, NUM_KEYS),
+      *(None if w is None else f32(w) for w in window))
   assert out.shape == q.shape and out.dtype == q.dtype
   _assert_close((out, lse), _with_own(q, own, *context), dtype)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "xla"])
+@pytest.mark.parametrize("backend,tiles", [
+    ("gpu", None), ("xla", None),
+    # Several row-list splits of 16 rows and, at batch 5 and group 4, two
+    # query tiles that each hold rows of several sequences.
+    ("gpu", block_sizes.AttentionBlockSizes(block_m=16, block_rows=16,
+                                            split_rows=16))])
 @pytest.mark.parametrize("batch,group,dtype", [(3, 2, jnp.float32),
-                                               (2, 4, jnp.bfloat16)])
-def test_shared_selection_reads_every_row_for_each_sequence(backend, batch,
-                                                            group, dtype):
+                                               (2, 4, jnp.bfloat16),
+                                               (5, 4, jnp.float32)])
+def test_shared_selection_reads_every_row_for_each_sequence(
+    backend, tiles, batch, group, dtype):
   """Dense decode: every row selected once for the batch, each sequence
   still attending its own rows."""
   ctx, q, window, own = _inputs(batch, group, dtype)
@@ -98,7 +110,8 @@ def test_shared_selection_reads_every_row_for_each_sequence(backend, batch,
       clusters=jnp.ones((1, NUM_KV_HEADS, NUM_CLUSTERS), bool))
   got = pallas_kernels.shared_selection_attention(
       q, ctx.keys, ctx.values, every_row, window_keys=window[0],
-      window_values=window[1], own=own, backend=backend, interpret=True)
+      window_values=window[1], own=own, backend=backend, block_sizes=tiles,
+      interpret=True)
   context = references.attention(
       f32(q), jnp.concatenate([f32(ctx.keys), f32(window[0])], axis=1),
       jnp.concatenate([f32(ctx.values), f32(window[1])], axis=1))
