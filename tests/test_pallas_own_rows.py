@@ -39,7 +39,7 @@ def _inputs(batch, group, dtype):
   own = pallas_kernels.OwnRows(
       *jax.random.normal(keys[3], (2, batch, OWN_LEN, NUM_KV_HEADS, 64),
                          dtype),
-      jnp.array([OWN_LEN, 1, 0, 17, 30][:batch], jnp.int32))  # all .. none
+      jnp.array([OWN_LEN, 1, 0, 17, 30][:batch], jnp.int32))  # all, one, none, some
   return ctx, q, window, own
 
 
@@ -82,8 +82,7 @@ def test_squeezed_decode_merges_the_own_rows(backend, batch, group, dtype,
   np.testing.assert_array_equal(kept.num_rows, want.num_rows)  # context only
   context = references.attention_with_window(
       f32(q), f32(ctx.keys), f32(ctx.values),
-      selection.key_mask(want, NUM_KEYS),
-      *(None if w is None else f32(w) for w in window))
+      selection.key_mask(want, NUM_KEYS), *window)
   assert out.shape == q.shape and out.dtype == q.dtype
   _assert_close((out, lse), _with_own(q, own, *context), dtype)
 
